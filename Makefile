@@ -1,0 +1,51 @@
+# Two entry points on a fresh machine: `make demo` and `make test`. Both create .venv and install
+# what they need; torch is installed first and pinned (an unpinned torch pulls a multi-GB CUDA build).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+TORCH_VERSION := 2.13.0
+TRITON_VERSION := 3.7.1
+STAMP := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: venv build test pytest lint cuda-check triton-aot demo bench-kernels clean
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip setuptools wheel
+	# Keep a CUDA torch if one is already there; otherwise the pinned CPU wheel.
+	$(VPY) -c "import torch,sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null || \
+	  $(VPY) -m pip install -q torch==$(TORCH_VERSION)
+	$(VPY) -m pip install -q triton==$(TRITON_VERSION) pytest ruff tqdm numpy matplotlib ninja
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+build: $(STAMP)
+	$(VPY) -m pip install -q -e . --no-build-isolation --no-deps
+	$(VPY) -c "from longvila_engine._extension import require_extension; require_extension(); print('extension: ok')"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check longvila_engine tests benchmarks scripts
+
+cuda-check:
+	bash scripts/check_cuda.sh
+
+triton-aot: build
+	$(VPY) scripts/aot_triton.py
+
+pytest: build
+	$(VPY) -m pytest -q -x tests
+
+test: build lint cuda-check triton-aot pytest
+	$(VPY) benchmarks/bench_kernels.py --smoke
+
+demo: build
+	$(VPY) benchmarks/bench_kernels.py --demo
+
+bench-kernels: build
+	$(VPY) benchmarks/bench_kernels.py
+
+clean:
+	rm -rf build *.egg-info longvila_engine/*.so
