@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ..comm.counters import CommStats
 from .layout import AXES, COMPOSITE, ParallelLayout
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
@@ -23,6 +24,7 @@ class ParallelGroups:
 
     Attributes per axis in ('tp', 'ulysses', 'ring', 'dp', 'sp', 'dp_sp'): the group (e.g. `ring`),
     `<axis>_rank`, `<axis>_size` and `<axis>_ranks` (global ranks, ordered by index in the group).
+    `stats` holds the traffic counters every communication wrapper updates.
     """
 
     layout: ParallelLayout
@@ -30,6 +32,7 @@ class ParallelGroups:
     world_size: int
     timeout: datetime.timedelta
     backend: str
+    stats: CommStats = field(default_factory=CommStats, repr=False)
     _groups: dict = field(default_factory=dict, repr=False)
 
     def group(self, axis: str):
