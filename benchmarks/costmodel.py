@@ -1,0 +1,294 @@
+"""Analytic step-time and memory model of one training step, per GPU (DESIGN.md section 9).
+
+It prices the work of one transformer training step (forward + backward, no activation
+checkpointing) on a given layout of G GPUs with published kernel and link rates
+(shared/REFERENCE.md). FLOPs come from `longvila_engine.ops.flops.attention_flops` (the function the
+kernels' own accounting uses) and the dense-layer parameter count; bytes come from
+`communication_bytes`, whose per-collective volumes are the ones the engine's counters record
+(tests/test_costmodel.py holds them against `groups.stats` of a real gloo run).
+
+What it models:
+- dense GEMMs at `gemm_eff` of peak (FP8 or BF16);
+- attention at the FlashAttention-3 rates of REFERENCE.md, interpolated in the block length a ring
+  step computes (a short block runs slower: that is most of ring-only's loss);
+- ring steps as max(compute, transfer) + per-step latency (overlap with a side stream), the
+  inter-node hop at the InfiniBand rate when the ring crosses nodes;
+- Ulysses all-to-all and tensor-parallel all-reduces as exposed (not overlapped) time;
+- memory: ZeRO-3-sharded weights and optimizer state plus the activations the engine saves.
+
+What it does not model: pipeline parallelism, data-parallel gradient reduction (overlapped and the
+same for every layout), kernel launch gaps outside the ring, stragglers, or congestion between
+concurrent rings on shared NICs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from longvila_engine.ops.flops import attention_flops
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Rates per GPU. Sources: shared/REFERENCE.md (table 'Hardware and kernels')."""
+
+    name: str
+    peak_bf16: float  # dense tensor FLOP/s
+    peak_fp8: float  # dense FP8 FLOP/s (used only for the FP8-GEMM calibration runs)
+    hbm_bytes: float
+    nvlink_busbw: float  # NCCL effective intra-node bus bandwidth, bytes/s per direction
+    nvlink_p2p: float  # NCCL send/recv between two GPUs of a node, bytes/s
+    ib_bw: float  # one NIC per GPU, NCCL effective bytes/s per direction
+    lat_intra: float  # small-message send/recv latency, s
+    lat_inter: float
+    attn_fwd_causal: tuple  # ((block_len, FLOP/s), ...) FlashAttention forward, causal
+    attn_fwd_full: tuple  # non-causal forward
+    attn_bwd_full: tuple  # non-causal backward
+    gpus_per_node: int = 8
+
+
+# H100 SXM5: 989.4 TFLOP/s dense bf16 (datasheet); FP8 dense is twice that (datasheet, 3,958 sparse);
+# NCCL NVLink-4 effective 370 GB/s (sjeaugey, nccl-tests#212); send/recv plateau ~180 GB/s
+# (nccl-tests#268); NDR 400 Gb/s NIC per GPU, NCCL 46-48 GB/s (nccl-tests#290/#267);
+# latencies 9.8 us / 32 us (nccl-tests#331/#214); FA3 Fig. 5/6 bar labels (arXiv:2407.08608).
+H100 = Hardware(
+    name="H100-SXM5",
+    peak_bf16=989.4e12,
+    peak_fp8=1978.9e12,
+    hbm_bytes=80e9,
+    nvlink_busbw=370e9,
+    nvlink_p2p=180e9,
+    ib_bw=47e9,
+    lat_intra=9.8e-6,
+    lat_inter=32e-6,
+    attn_fwd_causal=((512, 292e12), (1024, 423e12), (2048, 521e12), (4096, 579e12), (8192, 602e12),
+                     (16384, 616e12)),
+    attn_fwd_full=((512, 467e12), (1024, 565e12), (2048, 625e12), (4096, 638e12), (8192, 646e12),
+                   (16384, 648e12)),
+    attn_bwd_full=((512, 316e12), (1024, 424e12), (2048, 501e12), (4096, 542e12), (8192, 559e12),
+                   (16384, 561e12)),
+)
+
+# A100 SXM4 80GB: 312 TFLOP/s dense bf16, 2.04 TB/s (datasheet); NVLink-3 NCCL effective ~230 GB/s
+# (nccl-tests#149). FlashAttention-2 reaches 50-73% of peak on A100 (FA2 paper): the H100 FA3 curve
+# is scaled to 0.50-0.70 of the A100 peak by block length. The HDR 200 Gb/s NIC per GPU (25 GB/s,
+# DGX A100 user guide) is not in REFERENCE.md: treat A100 inter-node figures as indicative.
+_A100_SCALE = 312e12 / 989.4e12
+A100 = Hardware(
+    name="A100-SXM4",
+    peak_bf16=312e12,
+    peak_fp8=312e12,  # no FP8 on A100
+    hbm_bytes=80e9,
+    nvlink_busbw=230e9,
+    nvlink_p2p=120e9,
+    ib_bw=23.5e9,
+    lat_intra=9.8e-6,
+    lat_inter=32e-6,
+    attn_fwd_causal=tuple((s, r * _A100_SCALE * 0.95) for s, r in H100.attn_fwd_causal),
+    attn_fwd_full=tuple((s, r * _A100_SCALE * 0.95) for s, r in H100.attn_fwd_full),
+    attn_bwd_full=tuple((s, r * _A100_SCALE * 0.95) for s, r in H100.attn_bwd_full),
+)
+
+HARDWARE = {"h100": H100, "a100": A100}
+
+
+def _interp(table, block_len):
+    """Log-linear interpolation of a (block_len, rate) table, clamped at both ends."""
+    if block_len <= table[0][0]:
+        # Below the smallest measured size efficiency keeps falling roughly linearly with length.
+        return table[0][1] * max(block_len, 1) / table[0][0]
+    for (s0, r0), (s1, r1) in zip(table, table[1:]):
+        if block_len <= s1:
+            t = (math.log(block_len) - math.log(s0)) / (math.log(s1) - math.log(s0))
+            return r0 + t * (r1 - r0)
+    return table[-1][1]
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+
+    @property
+    def params_per_layer(self) -> int:
+        h, d = self.hidden, self.head_dim
+        attn = h * (self.heads + 2 * self.kv_heads) * d + self.heads * d * h
+        return attn + 3 * h * self.ffn + 2 * h
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.params_per_layer + 2 * self.vocab * self.hidden + self.hidden
+
+
+# Published configs (shared/REFERENCE.md, 'Model shapes').
+MODELS = {
+    "llama2_7b": Model("llama2_7b", 32, 4096, 32, 32, 128, 11008, 32000),
+    "llama3_8b": Model("llama3_8b", 32, 4096, 32, 8, 128, 14336, 128256),
+    "qwen2_7b": Model("qwen2_7b", 28, 3584, 28, 4, 128, 18944, 152064),
+}
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A layout of one model replica: G = ring * ulysses * tp GPUs."""
+
+    name: str
+    ring: int = 1
+    ulysses: int = 1
+    tp: int = 1
+
+    @property
+    def gpus(self) -> int:
+        return self.ring * self.ulysses * self.tp
+
+
+def strategies(gpus: int, model: Model, gpus_per_node: int = 8) -> dict[str, Strategy]:
+    """The four layouts of DESIGN.md section 3 for `gpus` GPUs (Ulysses-only when heads allow)."""
+    inner = min(gpus_per_node, gpus)
+    out = {
+        "ring": Strategy("ring-only", ring=gpus),
+        "megatron_cp_tp": Strategy("Megatron CP+TP", tp=inner, ring=gpus // inner),
+        "mmsp_2d": Strategy("MM-SP 2D", ulysses=inner, ring=gpus // inner),
+    }
+    if model.heads % gpus == 0:
+        out["ulysses"] = Strategy("Ulysses-only", ulysses=gpus)
+    return out
+
+
+@dataclass
+class Calibration:
+    """Free parameters fitted against published throughputs (see projection.calibrate)."""
+
+    gemm_eff: float = 0.65  # fraction of dense peak the GEMMs reach
+    attn_eff: float = 1.0  # multiplier on the FlashAttention-3 rates (kernel in a training step)
+    ring_step_overhead: float = 20e-6  # launch + synchronisation per ring step, s
+
+
+def communication_bytes(model: Model, seq_len: int, strat: Strategy, dtype_bytes: int = 2) -> dict:
+    """Bytes one GPU sends per layer, forward + backward, by collective.
+
+    Matches what the engine's counters record: the ring sends its K/V block at the K/V head count
+    (R-1 times forward, R-1 times backward with dK/dV in float32 beside it); Ulysses sends the
+    (U-1)/U foreign part of q, k, v, out forward and of their gradients backward; TP all-reduces
+    (ring algorithm, 2(t-1)/t of the buffer) the attention and MLP outputs forward and their input
+    gradients backward.
+    """
+    tokens = seq_len / (strat.ring * strat.ulysses)  # per GPU before the all-to-all
+    ring_tokens = seq_len / strat.ring  # per ring rank (what one ring step carries)
+    kv_heads = model.kv_heads / strat.tp
+    heads = model.heads / strat.tp
+    d = model.head_dim
+    kv_heads_ring = max(kv_heads / strat.ulysses, 1)  # replicated when U > H_kv
+    heads_ring = heads / strat.ulysses
+    kv_block = 2 * ring_tokens * kv_heads_ring * d * dtype_bytes
+    ring_fwd = (strat.ring - 1) * kv_block
+    ring_bwd = (strat.ring - 1) * (kv_block + kv_block * 4 / dtype_bytes)
+    u = strat.ulysses
+    a2a_elems = tokens * (2 * heads + 2 * kv_heads) * d * (u - 1) / u
+    a2a = 2 * a2a_elems * dtype_bytes  # forward and backward
+    t = strat.tp
+    tp_allreduce = 4 * (2 * (t - 1) / t) * (seq_len / strat.ring / strat.ulysses) * model.hidden * dtype_bytes
+    return {"ring_fwd": ring_fwd, "ring_bwd": ring_bwd, "ring_block": kv_block, "ulysses_a2a": a2a,
+            "tp_allreduce": tp_allreduce, "heads_ring": heads_ring, "kv_heads_ring": kv_heads_ring}
+
+
+def step_time(model: Model, seq_len: int, strat: Strategy, hw: Hardware, cal: Calibration,
+              gemm_peak: float | None = None) -> dict:
+    """Seconds per training step of one replica (batch 1, seq_len tokens), with the breakdown."""
+    g = strat.gpus
+    npn = hw.gpus_per_node
+    peak = gemm_peak or hw.peak_bf16
+    tokens_gpu = seq_len / g
+    # Dense layers: 6 FLOPs per parameter per token (forward 2, backward 4), split over all GPUs.
+    gemm_flops = 6 * model.params_per_layer * seq_len / g
+    t_gemm = gemm_flops / (peak * cal.gemm_eff)
+    comm = communication_bytes(model, seq_len, strat)
+    heads_ring = comm["heads_ring"]
+    ring_tokens = seq_len / strat.ring
+    # Attention: zigzag gives each ring rank equal causal work; one ring step is one block pair.
+    chunk = ring_tokens / 2  # zigzag chunk: the block length a kernel launch actually runs over
+    fwd_total = attention_flops(seq_len, seq_len, 1, model.head_dim, causal=True) * heads_ring / strat.ring
+    bwd_total = fwd_total * 2.5
+    rate_fwd = _interp(hw.attn_fwd_full, chunk) * cal.attn_eff
+    rate_bwd = _interp(hw.attn_bwd_full, chunk) * cal.attn_eff
+    rate_diag = _interp(hw.attn_fwd_causal, chunk) * cal.attn_eff
+    steps = strat.ring
+    diag_share = 1.0 / (2 * steps) if steps > 1 else 1.0  # the diagonal (causal) block of step 0
+    fwd_step = fwd_total * (1 - diag_share) / max(steps - 1, 1)
+    bwd_step = bwd_total * (1 - diag_share) / max(steps - 1, 1)
+    t_fwd_diag = fwd_total * diag_share / rate_diag
+    t_bwd_diag = bwd_total * diag_share / (rate_bwd * rate_diag / rate_fwd)
+    crosses = strat.ring > 1 and strat.gpus > npn
+    ring_bw = hw.ib_bw if crosses else hw.nvlink_p2p
+    ring_lat = hw.lat_inter if crosses else hw.lat_intra
+    t_ring = t_fwd_diag + t_bwd_diag
+    exposed_ring = 0.0
+    if steps > 1:
+        xfer_f = comm["ring_fwd"] / (steps - 1) / ring_bw + ring_lat
+        xfer_b = comm["ring_bwd"] / (steps - 1) / ring_bw + ring_lat
+        comp_f, comp_b = fwd_step / rate_fwd, bwd_step / rate_bwd
+        per_f = max(comp_f, xfer_f) + cal.ring_step_overhead
+        per_b = max(comp_b, xfer_b) + cal.ring_step_overhead
+        t_ring += (steps - 1) * (per_f + per_b)
+        exposed_ring = (steps - 1) * (per_f - comp_f + per_b - comp_b)
+    a2a_bw = hw.nvlink_busbw if strat.ulysses * strat.tp <= npn else hw.ib_bw
+    t_a2a = comm["ulysses_a2a"] / a2a_bw if strat.ulysses > 1 else 0.0
+    t_tp = comm["tp_allreduce"] / hw.nvlink_busbw if strat.tp > 1 else 0.0
+    per_layer = t_gemm + t_ring + t_a2a + t_tp
+    # LM head + embedding: 6 * vocab * hidden FLOPs per token, split over G (vocab-parallel or SP).
+    t_head = 6 * model.vocab * model.hidden * tokens_gpu / (peak * cal.gemm_eff)
+    total = model.layers * per_layer + t_head
+    return {"step_s": total, "gemm_s": model.layers * t_gemm, "attn_s": model.layers * (t_ring - exposed_ring),
+            "ring_exposed_s": model.layers * exposed_ring, "a2a_s": model.layers * t_a2a,
+            "tp_s": model.layers * t_tp, "head_s": t_head,
+            "ring_overlapped": exposed_ring <= 0.05 * max(t_ring, 1e-30),
+            "ring_link": "infiniband" if crosses else "nvlink"}
+
+
+def model_flops(model: Model, seq_len: int, causal_attention: bool = True) -> float:
+    """Model FLOPs of one training step (3x forward), the MFU convention of REFERENCE.md."""
+    dense = 6 * (model.layers * model.params_per_layer + model.vocab * model.hidden) * seq_len
+    attn_fwd = attention_flops(seq_len, seq_len, model.heads, model.head_dim, causal=causal_attention)
+    return dense + 3 * model.layers * attn_fwd
+
+
+def activation_bytes_per_token(model: Model, dtype_bytes: int = 2) -> float:
+    """Bytes of activations the engine saves per token and layer (no activation checkpointing).
+
+    Saved for backward: two norm inputs, the QKV input, q/k/v, the attention output and its float32
+    log-sum-exp, the O-projection input, the MLP input, gate and up outputs and their product.
+    """
+    h, d = model.hidden, model.head_dim
+    elems = 2 * h + h + (model.heads + 2 * model.kv_heads) * d + model.heads * d + h + h + 3 * model.ffn
+    return elems * dtype_bytes + 4 * model.heads
+
+
+def memory_per_gpu(model: Model, seq_len: int, gpus: int, dtype_bytes: int = 2, logits_chunk: int = 4096) -> dict:
+    """Peak bytes per GPU: ZeRO-3-sharded state (bf16 weights, fp32 master/grad/Adam: 18 B/param)
+    plus the activations of seq_len/gpus tokens in every layer, plus one chunk of float32 logits."""
+    state = 18 * model.params / gpus
+    tokens = seq_len / gpus
+    acts = model.layers * tokens * activation_bytes_per_token(model, dtype_bytes)
+    logits = min(tokens, logits_chunk) * model.vocab * 4 * 2  # logits and their gradient, one chunk
+    return {"state": state, "activations": acts, "logits": logits, "total": state + acts + logits}
+
+
+def longest_sequence(model: Model, gpus: int, hw: Hardware, usable: float = 0.9) -> int:
+    """Longest sequence (multiple of 1024 tokens) whose memory fits `usable` of HBM per GPU."""
+    budget = usable * hw.hbm_bytes
+    lo, hi = 0, 1 << 30
+    while hi - lo > 1024:
+        mid = (lo + hi) // 2 // 1024 * 1024
+        if mid <= lo:
+            break
+        if memory_per_gpu(model, mid, gpus)["total"] <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
