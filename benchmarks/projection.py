@@ -106,7 +106,8 @@ def print_tables(cal, cal_rows, rows, model_name, hw_name) -> None:
           "| MM-SP ring hidden | ring-only ring hidden | GiB/GPU | fits 80GB |")
     for r in rows:
         uly = f"{r['ulysses_over_mmsp']:.2f}x" if r["ulysses_over_mmsp"] else "n/a (heads)"
-        print(f"| {fmt_tokens(r['seq_len'])} | {r['gpus']} | {r['mmsp_step_s']:.1f} | {r['tokens_per_s_per_gpu']:.0f} | "
+        print(f"| {fmt_tokens(r['seq_len'])} | {r['gpus']} | {r['mmsp_step_s']:.1f} | "
+              f"{r['tokens_per_s_per_gpu']:.0f} | "
               f"{100 * r['mfu']:.0f}% | {r['ring_over_mmsp']:.2f}x | {r['megatron_over_mmsp']:.2f}x | {uly} | "
               f"{'yes' if r['mmsp_ring_hidden'] else 'no'} | {'yes' if r['ringonly_ring_hidden'] else 'no'} | "
               f"{r['memory_gib']:.0f} | {'yes' if r['fits'] else 'no'} |")

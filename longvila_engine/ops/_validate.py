@@ -43,7 +43,9 @@ def check_qkv(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None) -> None:
     _check_tensor("k", k, 4)
     _check_tensor("v", v, 4)
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape (B, S_k, H_kv, D), got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"k and v must have the same shape (B, S_k, H_kv, D), got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(
             f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch (dim 0) and head_dim (dim 3)"

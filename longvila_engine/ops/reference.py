@@ -120,6 +120,8 @@ def zigzag_permute(x, ring_size, dim, inverse):
 
 
 def varlen_index(cu_seqlens, total):
-    seq_id = torch.searchsorted(cu_seqlens.to(torch.int64), torch.arange(total, device=cu_seqlens.device), right=True) - 1
-    position = torch.arange(total, device=cu_seqlens.device) - cu_seqlens.to(torch.int64)[seq_id]
+    cu = cu_seqlens.to(torch.int64)
+    tokens = torch.arange(total, device=cu_seqlens.device)
+    seq_id = torch.searchsorted(cu, tokens, right=True) - 1
+    position = tokens - cu[seq_id]
     return seq_id.to(torch.int32), position.to(torch.int32)
