@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
 import tempfile
+import time
 import traceback
 
 COLLECTIVE_TIMEOUT_S = 60
@@ -77,21 +79,27 @@ class DistPool:
         self._collect("start-up")
 
     def _collect(self, what):
-        results, errors = [None] * self.world_size, {}
-        deadline = self.timeout
-        for rank, conn in enumerate(self.conns):
-            if not conn.poll(deadline):
+        # Wait on every rank at once: the first error is reported as soon as it arrives, instead of
+        # waiting out a healthy rank that is blocked in a collective with the failed one.
+        results, errors, pending = [None] * self.world_size, {}, dict(enumerate(self.conns))
+        deadline = time.monotonic() + self.timeout
+        while pending and not errors:
+            left = deadline - time.monotonic()
+            ready = mp_connection.wait(list(pending.values()), timeout=max(left, 0))
+            if not ready:
                 self.close()
-                raise TimeoutError(f"rank {rank} gave no answer to {what} within {deadline:.0f} s; pool killed")
-            try:
-                status, value = conn.recv()
-            except EOFError:
-                status, value = "error", f"rank {rank} died (exit code {self.procs[rank].exitcode})"
-            if status == "error":
-                errors[rank] = value
-                # The others may be stuck in a collective with the failed rank: do not wait for them.
-                break
-            results[rank] = value
+                raise TimeoutError(f"ranks {sorted(pending)} gave no answer to {what} within {self.timeout:.0f} s; "
+                                   "pool killed")
+            for rank in [r for r, c in pending.items() if c in ready]:
+                conn = pending.pop(rank)
+                try:
+                    status, value = conn.recv()
+                except EOFError:
+                    status, value = "error", f"rank {rank} died (exit code {self.procs[rank].exitcode})"
+                if status == "error":
+                    errors[rank] = value
+                else:
+                    results[rank] = value
         if errors:
             self.close()
             text = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in errors.items())
@@ -112,8 +120,9 @@ class DistPool:
                 conn.send(None)
             except (BrokenPipeError, OSError):
                 pass
+        deadline = time.monotonic() + 5
         for proc in self.procs:
-            proc.join(timeout=2)
+            proc.join(timeout=max(deadline - time.monotonic(), 0.05))
             if proc.is_alive():
                 proc.kill()
                 proc.join()
