@@ -9,7 +9,7 @@ TRITON_VERSION := 3.7.1
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv build test pytest lint cuda-check triton-aot demo bench-kernels clean
+.PHONY: venv build test pytest lint cuda-check triton-aot smoke demo bench bench-kernels clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -38,11 +38,20 @@ triton-aot: build
 pytest: build
 	$(VPY) -m pytest -q -x tests
 
-test: build lint cuda-check triton-aot pytest
-	$(VPY) benchmarks/bench_kernels.py --smoke
+# Every benchmark's --smoke size, so none rots (results go to benchmarks/results/*.jsonl).
+smoke: build
+	$(VPY) benchmarks/bench_kernels.py --smoke --no-plot
+	$(VPY) benchmarks/bench_sp_attention.py --smoke
+	$(VPY) benchmarks/projection.py --smoke
 
+test: build lint cuda-check triton-aot pytest smoke
+
+# The main job: tiny model on 4 CPU ranks in the MM-SP 2D layout vs one process, same data.
 demo: build
-	$(VPY) benchmarks/bench_kernels.py --demo
+	$(VPY) -m longvila_engine.cli.demo
+
+bench: build
+	$(VPY) benchmarks/projection.py
 
 bench-kernels: build
 	$(VPY) benchmarks/bench_kernels.py

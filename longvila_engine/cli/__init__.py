@@ -1,0 +1,1 @@
+"""Command-line entry points beside `python -m longvila_engine.train`."""
