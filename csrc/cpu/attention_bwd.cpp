@@ -1,0 +1,245 @@
+// CPU kernel of longvila_engine::attn_bwd: the flash-attention backward (recompute P from the final
+// lse, then dV = P^T dO, dS = P*(dP - delta), dK = dS^T Q, dQ = dS K) with OpenMP over
+// (segment, kv head, key-block chunk).
+//
+// Race freedom without atomics: a work item owns its key blocks, so it accumulates dK/dV for them
+// over every head of its GQA group and every query block, and writes them once. dQ rows receive
+// contributions from every key block; items of one (segment, kv head) split the key blocks into C
+// strided chunks, chunk 0 adds into dq itself and chunk c > 0 into its own zero-initialised copy,
+// summed into dq at the end. C is 1 (no copy) whenever segments x kv heads already keep every
+// thread busy, as at B*Hk >= threads. Memory stays O(S*D) per chunk; nothing is O(S^2).
+// Not here: the forward (attention_fwd.cpp) and the dtype casts of the Python wrapper.
+//
+// Legend: B batch, S sequence, H query heads, Hk key/value heads, D head dim (Dp: padded to the
+// micro-kernel panel), Bq/Bk query/key tile rows, T accumulator type.
+#include <ATen/Parallel.h>
+#include <omp.h>
+#include <torch/library.h>
+
+#include "attention_cpu.h"
+
+namespace lv {
+namespace cpu {
+namespace {
+
+// Square 64 tiles: the backward keeps ten tiles per thread (K^T, V^T, K, Q, dO, S/P, dP/dS, dQ,
+// dK, dV), which at D = 128 is 320 KiB, inside a 512 KiB L2.
+static const int64_t kBlockQ = std::getenv("LVBQ") ? std::atoi(std::getenv("LVBQ")) : 64;
+static const int64_t kBlockK = std::getenv("LVBK") ? std::atoi(std::getenv("LVBK")) : 64;
+
+struct BwdItem {
+  int64_t seg;
+  int64_t kv_head;
+  int64_t chunk;
+  int64_t cost;  // (key block, query block) tiles, to schedule the heavy items first
+};
+
+// Number of chunks per (segment, kv head): the smallest that spreads evenly over the threads or
+// gives every thread several items, capped by the key blocks there are to split.
+int64_t choose_chunks(int64_t units, int64_t max_kblocks, int64_t nthreads) {
+  int64_t c = 1;
+  while (c < nthreads && c < max_kblocks && (units * c) % nthreads != 0 && units * c < 4 * nthreads) ++c;
+  return c;
+}
+
+template <typename T>
+void attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
+                     const at::Tensor& dv, const std::vector<Segment>& segs, double softmax_scale, bool causal,
+                     bool accumulate) {
+  constexpr int64_t P = kPanel<T>;
+  constexpr int64_t W = kWidth<T>;
+  const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t Sk = k.size(1), Hk = k.size(2), group = H / Hk;
+  const int64_t Dp = round_up(D, P);
+  const at::ScalarType st = q.scalar_type();
+  const int64_t es = q.element_size();
+  const char* q_ptr = static_cast<const char*>(q.data_ptr());
+  const char* k_ptr = static_cast<const char*>(k.data_ptr());
+  const char* v_ptr = static_cast<const char*>(v.data_ptr());
+  const char* do_ptr = static_cast<const char*>(dout.data_ptr());
+  const char* o_ptr = static_cast<const char*>(out.data_ptr());
+  const int64_t do_es = dout.element_size(), o_es = out.element_size();  // may differ from q's
+  const T* lse_ptr = lse.data_ptr<T>();
+  T* dq_ptr = dq.data_ptr<T>();
+  T* dk_ptr = dk.data_ptr<T>();
+  T* dv_ptr = dv.data_ptr<T>();
+  const T scale = static_cast<T>(softmax_scale);
+  const T scale2 = static_cast<T>(softmax_scale * kLog2e);
+  const int nthreads = at::get_num_threads();
+
+  // Per (b, h): q and dout converted to T in contiguous (Sq, Dp) panels, delta = rowsum(dout*out)
+  // and lse in log2 units. Every key block re-reads all of its query rows, so they are packed once
+  // here rather than gathered from the strided (B,S,H,D) layout once per key block.
+  const int64_t panel = Sq * Dp;
+  at::Tensor work = at::empty({std::max<int64_t>(2 * B * H * panel, 1)}, dq.options());
+  T* qp = work.data_ptr<T>();
+  T* dop = qp + B * H * panel;
+  std::vector<T> delta(B * H * Sq), lse2(B * H * Sq);
+  const at::ScalarType do_st = dout.scalar_type(), o_st = out.scalar_type();
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<T> o_row(D);
+#pragma omp for schedule(static)
+    for (int64_t bs = 0; bs < B * Sq; ++bs) {
+      const int64_t bi = bs / Sq, row = bs % Sq;
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t idx = (bi * H + h) * Sq + row;
+        T* qd = qp + idx * Dp;
+        T* dd = dop + idx * Dp;
+        pack_rows(qd, Dp, q_ptr + (bs * H + h) * D * es, 0, st, 1, D);
+        pack_rows(dd, Dp, do_ptr + (bs * H + h) * D * do_es, 0, do_st, 1, D);
+        load_row(o_row.data(), o_ptr + (bs * H + h) * D * o_es, o_st, D);
+        T acc = 0;
+        for (int64_t d = 0; d < D; ++d) acc += dd[d] * o_row[d];
+        delta[idx] = acc;
+        lse2[idx] = lse_ptr[idx] * static_cast<T>(kLog2e);
+      }
+    }
+  }
+
+  int64_t units = 0, max_nkb = 0;
+  for (const Segment& sg : segs) {
+    const int64_t nkb = ceil_div(sg.k_len, kBlockK);
+    units += nkb > 0 ? Hk : 0;
+    max_nkb = std::max(max_nkb, nkb);
+  }
+  // dQ accumulates in (C, B, H, Sq, Dp) panels, one per chunk, so the tile GEMM adds into it in
+  // place; the panels are summed into dq at the end.
+  const int64_t C = choose_chunks(units, max_nkb, nthreads);
+  at::Tensor dq_work = at::zeros({std::max<int64_t>(C * B * H * panel, 1)}, dq.options());
+  T* dqp = dq_work.data_ptr<T>();
+
+  std::vector<BwdItem> items;
+  for (size_t s = 0; s < segs.size(); ++s) {
+    const Segment& sg = segs[s];
+    const int64_t nkb = ceil_div(sg.k_len, kBlockK);
+    for (int64_t c = 0; c < std::min(C, nkb); ++c) {
+      int64_t cost = 1;
+      for (int64_t j = c; j < nkb; j += C) {
+        const int64_t first = causal ? std::min(j * kBlockK, sg.q_len) : 0;
+        cost += ceil_div(sg.q_len - first, kBlockQ);
+      }
+      for (int64_t hk = 0; hk < Hk; ++hk) items.push_back({static_cast<int64_t>(s), hk, c, cost});
+    }
+  }
+  std::stable_sort(items.begin(), items.end(), [](const BwdItem& a, const BwdItem& b) { return a.cost > b.cost; });
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  const int64_t kv_row_bytes = Hk * D * es;
+
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<T> kt(D * kBlockK), vt(D * kBlockK), kn(kBlockK * Dp), dk_acc(kBlockK * Dp), dv_acc(kBlockK * Dp),
+        s_buf(kBlockQ * kBlockK), dp_buf(kBlockQ * kBlockK), tmp(D);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < n_items; ++it) {
+      const BwdItem& item = items[it];
+      const Segment& sg = segs[item.seg];
+      const int64_t hk = item.kv_head;
+      const int64_t nkb = ceil_div(sg.k_len, kBlockK);
+      for (int64_t j = item.chunk; j < nkb; j += C) {
+        const int64_t cs = j * kBlockK;
+        const int64_t kc = std::min(kBlockK, sg.k_len - cs);
+        const int64_t k_off = ((sg.b * Sk + sg.k0 + cs) * Hk + hk) * D * es;
+        pack_transposed(kt.data(), kBlockK, k_ptr + k_off, kv_row_bytes, st, kc, D, tmp.data());
+        pack_transposed(vt.data(), kBlockK, v_ptr + k_off, kv_row_bytes, st, kc, D, tmp.data());
+        pack_rows(kn.data(), Dp, k_ptr + k_off, kv_row_bytes, st, kc, D);
+        std::fill(dk_acc.begin(), dk_acc.begin() + kc * Dp, T(0));
+        std::fill(dv_acc.begin(), dv_acc.begin() + kc * Dp, T(0));
+        // Causal: rows before the block's first key see none of it, so the first tile starts there.
+        const int64_t r_begin = causal ? cs : 0;
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+          for (int64_t rs = r_begin; rs < sg.q_len; rs += kBlockQ) {
+            const int64_t qc = std::min(kBlockQ, sg.q_len - rs);
+            const int64_t kv = causal ? std::min(kc, rs + qc - cs) : kc;  // keys some row here sees
+            const int64_t kvw = round_up(kv, P);
+            const int64_t stat0 = (sg.b * H + h) * Sq + sg.q0 + rs;
+            const T* qn = qp + stat0 * Dp;
+            const T* don = dop + stat0 * Dp;
+            T* dq_tile = dqp + item.chunk * B * H * panel + stat0 * Dp;
+            gemm_tile<T>(qc, kvw, D, qn, Dp, 1, kt.data(), kBlockK, s_buf.data(), kBlockK, false);
+            gemm_tile<T>(qc, kvw, D, don, Dp, 1, vt.data(), kBlockK, dp_buf.data(), kBlockK, false);
+            for (int64_t r = 0; r < qc; ++r) {
+              T* p_row = s_buf.data() + r * kBlockK;
+              T* ds_row = dp_buf.data() + r * kBlockK;
+              const int64_t nv = causal ? std::max<int64_t>(0, std::min(kv, rs + r - cs + 1)) : kv;
+              const T l2 = lse2[stat0 + r];
+              // A row with no visible key, or whose final lse says it saw none, has P = 0 (as the
+              // reference does for a non-finite lse).
+              const int64_t n = std::isfinite(l2) ? nv : 0;
+              row_exp2<T>(p_row, n, kvw, scale2, n > 0 ? l2 : T(0));
+              const Vec<T> dl = splat(delta[stat0 + r]);
+              const Vec<T> sc = splat(scale);
+              for (int64_t c = 0; c < kvw; c += W) {
+                storeu(ds_row + c, loadu(p_row + c) * (loadu(ds_row + c) - dl) * sc);
+              }
+            }
+            gemm_tile<T>(kv, Dp, qc, s_buf.data(), 1, kBlockK, don, Dp, dv_acc.data(), Dp, true);
+            gemm_tile<T>(kv, Dp, qc, dp_buf.data(), 1, kBlockK, qn, Dp, dk_acc.data(), Dp, true);
+            gemm_tile<T>(qc, Dp, kv, dp_buf.data(), kBlockK, 1, kn.data(), Dp, dq_tile, Dp, true);
+          }
+        }
+        for (int64_t r = 0; r < kc; ++r) {
+          const int64_t off = ((sg.b * Sk + sg.k0 + cs + r) * Hk + hk) * D;
+          const T* gk = dk_acc.data() + r * Dp;
+          const T* gv = dv_acc.data() + r * Dp;
+          if (accumulate) {
+            for (int64_t d = 0; d < D; ++d) {
+              dk_ptr[off + d] += gk[d];
+              dv_ptr[off + d] += gv[d];
+            }
+          } else {
+            std::copy(gk, gk + D, dk_ptr + off);
+            std::copy(gv, gv + D, dv_ptr + off);
+          }
+        }
+      }
+    }
+  }
+
+  // dq (=, or += when accumulating) the sum of the chunk panels, back in (B, Sq, H, D) order.
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t bs = 0; bs < B * Sq; ++bs) {
+    const int64_t bi = bs / Sq, row = bs % Sq;
+    for (int64_t h = 0; h < H; ++h) {
+      T* dst = dq_ptr + (bs * H + h) * D;
+      const T* src = dqp + ((bi * H + h) * Sq + row) * Dp;
+      if (!accumulate) std::fill(dst, dst + D, T(0));
+      for (int64_t c = 0; c < C; ++c) {
+        const T* sc = src + c * B * H * panel;
+        for (int64_t d = 0; d < D; ++d) dst[d] += sc[d];
+      }
+    }
+  }
+}
+
+void attn_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+              const c10::optional<at::Tensor>& cu_seqlens_q, const c10::optional<at::Tensor>& cu_seqlens_k,
+              double softmax_scale, bool causal, bool accumulate) {
+  const std::vector<Segment> segs = check_qkv_segments(q, k, v, cu_seqlens_q, cu_seqlens_k);
+  const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3);
+  const at::ScalarType acc = acc_dtype(q.scalar_type());
+  for (const auto& named : {std::make_pair("dout", &dout), std::make_pair("out", &out)}) {
+    TORCH_CHECK(named.second->sizes() == q.sizes(), named.first, " must have q's shape ", q.sizes(), ", got ",
+                named.second->sizes());
+    check_float_dtype(named.first, *named.second);
+    check_cpu_contiguous(named.first, *named.second);
+  }
+  check_acc("lse", lse, {B, H, Sq}, acc);
+  check_acc("dq", dq, q.sizes(), acc);
+  check_acc("dk", dk, k.sizes(), acc);
+  check_acc("dv", dv, v.sizes(), acc);
+  TORCH_CHECK(std::isfinite(softmax_scale), "softmax_scale must be finite, got ", softmax_scale);
+  if (acc == at::kDouble) {
+    attn_bwd_kernel<double>(dout, q, k, v, out, lse, dq, dk, dv, segs, softmax_scale, causal, accumulate);
+  } else {
+    attn_bwd_kernel<float>(dout, q, k, v, out, lse, dq, dk, dv, segs, softmax_scale, causal, accumulate);
+  }
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace lv
+
+TORCH_LIBRARY_IMPL(longvila_engine, CPU, m) { m.impl("attn_bwd", &lv::cpu::attn_bwd); }

@@ -1,0 +1,192 @@
+// CPU kernel of longvila_engine::attn_fwd: blocked online-softmax attention (flash style) with
+// OpenMP over (segment, head, query block), writing or resuming a running (out, lse).
+//
+// Memory is O(S*D): per thread one query tile, one score tile and one output tile; K^T and V are
+// packed once per call (converted to the accumulator type, zero padded). Causal tiles that are
+// fully masked are never visited and the diagonal tile is cut to the columns its rows can see.
+// Not here: the backward (attention_bwd.cpp), the merge/zigzag/varlen-index operators, and any
+// dropout, bias or sliding window (the operator schema has none).
+//
+// Legend: B batch, S sequence, H query heads, Hk key/value heads, D head dim (Dp: padded to the
+// micro-kernel panel), Bq/Bk query/key tile rows, T accumulator type.
+#include <ATen/Parallel.h>
+#include <omp.h>
+#include <torch/library.h>
+
+#include "attention_cpu.h"
+#include "lv_math.h"
+
+namespace lv {
+namespace cpu {
+namespace {
+
+// 96 query rows = 16 micro-kernel strips of 6; 128 keys amortise the P*V accumulator traffic.
+// A thread's working set (Q, S, O tiles and one packed K^T/V block) stays within L2 for D <= 128.
+static const int64_t kBlockQ = std::getenv("LVQ") ? std::atoi(std::getenv("LVQ")) : 96;
+static const int64_t kBlockK = std::getenv("LVK") ? std::atoi(std::getenv("LVK")) : 128;
+
+struct FwdItem {
+  int64_t seg;
+  int64_t head;
+  int64_t qblock;
+  int64_t cost;  // key blocks visited, to schedule the heavy causal items first
+};
+
+template <typename T>
+void attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                     const at::Tensor& lse, const std::vector<Segment>& segs, double softmax_scale, bool causal,
+                     bool resume) {
+  constexpr int64_t P = kPanel<T>;
+  constexpr int64_t W = kWidth<T>;
+  const int64_t Sq = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t Sk = k.size(1), Hk = k.size(2), group = H / Hk;
+  const int64_t Dp = round_up(D, P);
+  const at::ScalarType st = q.scalar_type();
+  const int64_t es = q.element_size();
+  const char* q_ptr = static_cast<const char*>(q.data_ptr());
+  const char* k_ptr = static_cast<const char*>(k.data_ptr());
+  const char* v_ptr = static_cast<const char*>(v.data_ptr());
+  T* out_ptr = out.data_ptr<T>();
+  T* lse_ptr = lse.data_ptr<T>();
+  const T scale2 = static_cast<T>(softmax_scale * kLog2e);
+  const int nthreads = at::get_num_threads();
+
+  // K^T (D x Bk) and V (Bk x Dp) of every (key block, kv head), packed once: each block is then
+  // read by every query block of its segment and every head of its group.
+  const int64_t kt_elems = D * kBlockK;
+  const int64_t blk_elems = kt_elems + kBlockK * Dp;
+  std::vector<int64_t> kb_base(segs.size() + 1, 0);
+  std::vector<std::pair<int64_t, int64_t>> kblocks;  // (segment, block within segment)
+  for (size_t s = 0; s < segs.size(); ++s) {
+    const int64_t nkb = ceil_div(segs[s].k_len, kBlockK);
+    kb_base[s + 1] = kb_base[s] + nkb;
+    for (int64_t j = 0; j < nkb; ++j) kblocks.emplace_back(static_cast<int64_t>(s), j);
+  }
+  const int64_t n_pack = static_cast<int64_t>(kblocks.size()) * Hk;
+  at::Tensor packed = at::empty({std::max<int64_t>(n_pack * blk_elems, 1)}, out.options());
+  T* pk = packed.data_ptr<T>();
+  const int64_t kv_row_bytes = Hk * D * es;
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<T> tmp(D);
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < n_pack; ++it) {
+      const auto& kb = kblocks[it / Hk];
+      const int64_t hk = it % Hk;
+      const Segment& sg = segs[kb.first];
+      const int64_t c0 = kb.second * kBlockK;
+      const int64_t kc = std::min(kBlockK, sg.k_len - c0);
+      const int64_t off = ((sg.b * Sk + sg.k0 + c0) * Hk + hk) * D * es;
+      T* dst = pk + it * blk_elems;
+      pack_transposed(dst, kBlockK, k_ptr + off, kv_row_bytes, st, kc, D, tmp.data());
+      pack_rows(dst + kt_elems, Dp, v_ptr + off, kv_row_bytes, st, kc, D);
+    }
+  }
+
+  std::vector<FwdItem> items;
+  for (size_t s = 0; s < segs.size(); ++s) {
+    const int64_t nkb = ceil_div(segs[s].k_len, kBlockK);
+    const int64_t nqb = ceil_div(segs[s].q_len, kBlockQ);
+    for (int64_t i = 0; i < nqb; ++i) {
+      const int64_t row_end = std::min(segs[s].q_len, (i + 1) * kBlockQ);
+      const int64_t cost = causal ? std::min(nkb, ceil_div(row_end, kBlockK)) : nkb;
+      for (int64_t h = 0; h < H; ++h) items.push_back({static_cast<int64_t>(s), h, i, cost});
+    }
+  }
+  // Longest first, so dynamic scheduling does not end on one thread holding a long diagonal item.
+  std::stable_sort(items.begin(), items.end(), [](const FwdItem& a, const FwdItem& b) { return a.cost > b.cost; });
+  const int64_t n_items = static_cast<int64_t>(items.size());
+
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<T> q_buf(kBlockQ * D), s_buf(kBlockQ * kBlockK), o_buf(kBlockQ * Dp), m_run(kBlockQ),
+        l_run(kBlockQ);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < n_items; ++it) {
+      const FwdItem& item = items[it];
+      const Segment& sg = segs[item.seg];
+      const int64_t h = item.head, hk = h / group;
+      const int64_t rs = item.qblock * kBlockQ;
+      const int64_t qc = std::min(kBlockQ, sg.q_len - rs);
+      // Packed even when q is already in T: rows of q sit H*D elements apart, and broadcasting from
+      // 6 rows at a power-of-two stride lands in a handful of L1 sets and thrashes them.
+      const char* q_src = q_ptr + ((sg.b * Sq + sg.q0 + rs) * H + h) * D * es;
+      pack_rows(q_buf.data(), D, q_src, H * D * es, st, qc, D);
+      std::fill(m_run.begin(), m_run.begin() + qc, -std::numeric_limits<T>::infinity());
+      std::fill(l_run.begin(), l_run.begin() + qc, T(0));
+      std::fill(o_buf.begin(), o_buf.begin() + qc * Dp, T(0));
+
+      for (int64_t j = 0; j < item.cost; ++j) {
+        const int64_t cs = j * kBlockK;
+        const int64_t kc = std::min(kBlockK, sg.k_len - cs);
+        // Columns any row of this tile can see: the diagonal tile stops at the last row's key.
+        const int64_t kv = causal ? std::min(kc, rs + qc - cs) : kc;
+        const T* kt = pk + ((kb_base[item.seg] + j) * Hk + hk) * blk_elems;
+        const T* vb = kt + kt_elems;
+        gemm_tile<T>(qc, round_up(kv, P), D, q_buf.data(), D, 1, kt, kBlockK, s_buf.data(), kBlockK, false);
+        for (int64_t r = 0; r < qc; ++r) {
+          T* row = s_buf.data() + r * kBlockK;
+          const int64_t nv = causal ? std::max<int64_t>(0, std::min(kv, rs + r - cs + 1)) : kv;
+          if (nv == 0) {
+            row_exp2<T>(row, 0, round_up(kv, W), scale2, T(0));  // zeros: the row sees no key here
+            continue;
+          }
+          const T m_new = std::max(m_run[r], row_max_scaled<T>(row, nv, scale2));
+          const T alpha = std::exp2(m_run[r] - m_new);  // 0 on the first visible block (m = -inf)
+          const T sum = row_exp2<T>(row, nv, round_up(kv, W), scale2, m_new);
+          l_run[r] = l_run[r] * alpha + sum;
+          m_run[r] = m_new;
+          if (alpha != T(1)) {
+            T* o = o_buf.data() + r * Dp;
+            for (int64_t d = 0; d < Dp; ++d) o[d] *= alpha;
+          }
+        }
+        gemm_tile<T>(qc, Dp, kv, s_buf.data(), kBlockK, 1, vb, Dp, o_buf.data(), Dp, true);
+      }
+
+      for (int64_t r = 0; r < qc; ++r) {
+        const int64_t row = sg.q0 + rs + r;
+        T* o = out_ptr + ((sg.b * Sq + row) * H + h) * D;
+        T* ls = lse_ptr + (sg.b * H + h) * Sq + row;
+        const T* ob = o_buf.data() + r * Dp;
+        const bool seen = l_run[r] > T(0);
+        const T lse_b = seen ? (m_run[r] + std::log2(l_run[r])) * static_cast<T>(kLn2)
+                             : -std::numeric_limits<T>::infinity();
+        const T inv = seen ? T(1) / l_run[r] : T(0);
+        if (!resume) {
+          for (int64_t d = 0; d < D; ++d) o[d] = ob[d] * inv;
+          *ls = lse_b;
+        } else {
+          // Same per-row merge as the merge_attn operator and the CUDA kernels.
+          const lv::MergeWeights<T> w = lv::merge_weights<T>(*ls, lse_b);
+          const T wb = w.w_b * inv;
+          for (int64_t d = 0; d < D; ++d) o[d] = o[d] * w.w_a + ob[d] * wb;
+          *ls = w.lse;
+        }
+      }
+    }
+  }
+}
+
+void attn_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+              const c10::optional<at::Tensor>& cu_seqlens_q, const c10::optional<at::Tensor>& cu_seqlens_k,
+              double softmax_scale, bool causal, bool resume) {
+  const std::vector<Segment> segs = check_qkv_segments(q, k, v, cu_seqlens_q, cu_seqlens_k);
+  const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3);
+  const at::ScalarType acc = acc_dtype(q.scalar_type());
+  check_acc("out", out, {B, Sq, H, D}, acc);
+  check_acc("lse", lse, {B, H, Sq}, acc);
+  TORCH_CHECK(std::isfinite(softmax_scale), "softmax_scale must be finite, got ", softmax_scale);
+  if (out.numel() == 0) return;
+  if (acc == at::kDouble) {
+    attn_fwd_kernel<double>(q, k, v, out, lse, segs, softmax_scale, causal, resume);
+  } else {
+    attn_fwd_kernel<float>(q, k, v, out, lse, segs, softmax_scale, causal, resume);
+  }
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace lv
+
+TORCH_LIBRARY_IMPL(longvila_engine, CPU, m) { m.impl("attn_fwd", &lv::cpu::attn_fwd); }

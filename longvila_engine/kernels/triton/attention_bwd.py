@@ -1,0 +1,381 @@
+"""Triton backward attention kernels for one block: delta preprocessing, dK/dV, dQ.
+
+Given dout, q, k, v and the final (out, lse) of the rows of q (after every ring step), three kernels
+recompute the probabilities block by block, P = exp(S - lse), never storing the score matrix:
+
+1. `_attn_bwd_preprocess_kernel`: delta = rowsum(dout * out) per (row, head), and lse rescaled to
+   log2 units with -inf (a row that saw no key) turned into +inf, so that exp2(s - lse) is exactly 0
+   there without a test in the inner loops.
+2. `_attn_bwd_dkdv_kernel`: one program per (key tile, key/value head) loops over the query heads
+   of its GQA group and, for each, over the query tiles that can see its keys. It is the only writer
+   of its dK/dV rows, so the sum over the group needs no atomics and is deterministic.
+3. `_attn_bwd_dq_kernel`: one program per (query tile, query head) loops over the visible key tiles
+   and writes its dQ rows; a second kernel rather than atomics, so results are reproducible.
+
+Gradients are float32 and either overwrite or are added to the given dq/dk/dv (`accumulate`, the
+ring backward). Same features as the forward: GQA/MQA, top-left causal, packed varlen with empty
+sequences, any head dim. Not here: float64, dropout, bias, deterministic-vs-fast switches.
+
+Legend: B batch, S sequence, H query heads, H_kv key/value heads, D head dim.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_fwd import (
+    LOG2E,
+    block_d,
+    compiled_form,
+    dot_options,
+    nonempty,
+    runner,
+    runs_interpreted,
+    segment_tiles,
+    variant_flags,
+    variant_name,
+)
+
+# ---------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    Out, DO, Lse, Delta, LseLog2,
+    seqlen_q, num_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # Out and DO are contiguous (B, S_q, H, D); Lse, Delta, LseLog2 contiguous (B, H, S_q).
+    block = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < seqlen_q
+    rows = ((b.to(tl.int64) * seqlen_q + offs_m) * num_heads + h) * HEAD_DIM
+    mask = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(Out + rows[:, None] + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + rows[:, None] + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    row_ptr = (b.to(tl.int64) * num_heads + h) * seqlen_q + offs_m
+    lse = tl.load(Lse + row_ptr, mask=m_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    tl.store(Delta + row_ptr, delta, mask=m_ok)
+    tl.store(LseLog2 + row_ptr, lse2, mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LseLog2, Delta, DK, DV, CuQ, CuK, TileSeq, TileBlock,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    seqlen_q, seqlen_k, num_heads, num_kv_heads, group, num_seqs, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, ACCUMULATE: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # DO is contiguous (B, S_q, H, D); DK/DV contiguous (B, S_k, H_kv, D); LseLog2/Delta (B, H, S_q).
+    # The tile is worked on transposed (keys along rows): S^T = K Q^T, so dV = P^T dO and dK = dS^T Q
+    # come out with keys along rows, the layout of this program's accumulators.
+    tile = tl.program_id(0)
+    bkh = tl.program_id(1)
+    b = bkh // num_kv_heads
+    kvh = (bkh % num_kv_heads).to(tl.int64)  # 64-bit, as in the forward
+    if VARLEN:
+        seq = tl.load(TileSeq + tile)
+        if seq >= num_seqs:
+            return
+        block = tl.load(TileBlock + tile)
+        q_start = tl.load(CuQ + seq)
+        q_len = tl.load(CuQ + seq + 1) - q_start
+        k_start = tl.load(CuK + seq)
+        k_len = tl.load(CuK + seq + 1) - k_start
+    else:
+        block = tile
+        q_start = 0
+        q_len = seqlen_q
+        k_start = 0
+        k_len = seqlen_k
+
+    offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < k_len
+    d_ok = offs_d < HEAD_DIM
+    b64 = b.to(tl.int64)
+    kv_rows = (k_start + offs_n).to(tl.int64)
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b64 * stride_kb + kvh * stride_kh + kv_rows[:, None] * stride_ks + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * stride_vb + kvh * stride_vh + kv_rows[:, None] * stride_vs + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    if DOT_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Keys past k_len were loaded as zeros: they only feed dK/dV rows that are never stored, so the
+    # loops mask only what changes stored values: the causal triangle (query i sees key j <= i).
+    lo = 0
+    if CAUSAL:
+        lo = block * BLOCK_N
+    for g in range(0, group):
+        h = kvh * group + g
+        q_base = Q + b64 * stride_qb + h * stride_qh
+        do_base = DO + (b64 * seqlen_q * num_heads + h) * HEAD_DIM
+        row_base = (b64 * num_heads + h) * seqlen_q + q_start
+        for start_m in range(lo, q_len, BLOCK_M):
+            offs_m = start_m + offs_m0
+            m_ok = offs_m < q_len
+            q_rows = (q_start + offs_m).to(tl.int64)
+            q_mask = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_base + q_rows[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(do_base + q_rows[:, None] * (num_heads * HEAD_DIM) + offs_d[None, :],
+                         mask=q_mask, other=0.0)
+            # Rows past q_len read lse = +inf: their probabilities are exactly 0.
+            lse2 = tl.load(LseLog2 + row_base + offs_m, mask=m_ok, other=float("inf"))
+            delta = tl.load(Delta + row_base + offs_m, mask=m_ok, other=0.0)
+            do = do.to(Q.dtype.element_ty)
+            if DOT_F32:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+            p_t = tl.exp2(s_t - lse2[None, :])
+            if CAUSAL:
+                if start_m < block * BLOCK_N + BLOCK_N - 1:
+                    p_t = tl.where(offs_n[:, None] <= offs_m[None, :], p_t, 0.0)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            p_lo = p_t.to(Q.dtype.element_ty)
+            ds_lo = ds_t.to(Q.dtype.element_ty)
+            if DOT_F32:
+                p_lo = p_lo.to(tl.float32)
+                ds_lo = ds_lo.to(tl.float32)
+            dv += tl.dot(p_lo, do, input_precision=PRECISION)
+            dk += tl.dot(ds_lo, q, input_precision=PRECISION)
+
+    dk = dk * sm_scale
+    g_rows = ((b64 * seqlen_k + k_start + offs_n) * num_kv_heads + kvh) * HEAD_DIM
+    dk_ptrs = DK + g_rows[:, None] + offs_d[None, :]
+    dv_ptrs = DV + g_rows[:, None] + offs_d[None, :]
+    if ACCUMULATE:
+        dk += tl.load(dk_ptrs, mask=kv_mask, other=0.0)
+        dv += tl.load(dv_ptrs, mask=kv_mask, other=0.0)
+    tl.store(dk_ptrs, dk, mask=kv_mask)
+    tl.store(dv_ptrs, dv, mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LseLog2, Delta, DQ, CuQ, CuK, TileSeq, TileBlock,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    seqlen_q, seqlen_k, num_heads, group, num_seqs, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, ACCUMULATE: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # DO and DQ are contiguous (B, S_q, H, D); LseLog2/Delta (B, H, S_q).
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    # 64-bit head index (as in the forward: head strides of a (B, H, S, D) view are large).
+    h = (bh % num_heads).to(tl.int64)
+    kvh = h // group
+    if VARLEN:
+        seq = tl.load(TileSeq + tile)
+        if seq >= num_seqs:
+            return
+        block = tl.load(TileBlock + tile)
+        q_start = tl.load(CuQ + seq)
+        q_len = tl.load(CuQ + seq + 1) - q_start
+        k_start = tl.load(CuK + seq)
+        k_len = tl.load(CuK + seq + 1) - k_start
+    else:
+        block = tile
+        q_start = 0
+        q_len = seqlen_q
+        k_start = 0
+        k_len = seqlen_k
+
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < q_len
+    d_ok = offs_d < HEAD_DIM
+    b64 = b.to(tl.int64)
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b64 * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :],
+                mask=q_mask, other=0.0)
+    g_rows = ((b64 * seqlen_q + q_start + offs_m) * num_heads + h) * HEAD_DIM
+    do = tl.load(DO + g_rows[:, None] + offs_d[None, :], mask=q_mask, other=0.0).to(Q.dtype.element_ty)
+    row_ptr = (b64 * num_heads + h) * seqlen_q + q_start + offs_m
+    lse2 = tl.load(LseLog2 + row_ptr, mask=m_ok, other=float("inf"))
+    delta = tl.load(Delta + row_ptr, mask=m_ok, other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    k_base = K + b64 * stride_kb + kvh * stride_kh
+    v_base = V + b64 * stride_vb + kvh * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Keys past k_len load as zeros and so add nothing to dS K; only the causal triangle is masked.
+    hi = k_len
+    if CAUSAL:
+        hi = tl.minimum(k_len, (block + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kv_rows = (k_start + offs_n).to(tl.int64)
+        kv_mask = (offs_n < k_len)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + kv_rows[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + kv_rows[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.exp2(s - lse2[:, None])
+        if CAUSAL:
+            if start_n + BLOCK_N - 1 > block * BLOCK_M:
+                p = tl.where(offs_n[None, :] <= offs_m[:, None], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = (p * (dp - delta[:, None])).to(Q.dtype.element_ty)
+        if DOT_F32:
+            ds = ds.to(tl.float32)
+        dq += tl.dot(ds, k, input_precision=PRECISION)
+
+    dq = dq * sm_scale
+    dq_ptrs = DQ + g_rows[:, None] + offs_d[None, :]
+    if ACCUMULATE:
+        dq += tl.load(dq_ptrs, mask=q_mask, other=0.0)
+    tl.store(dq_ptrs, dq, mask=q_mask)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------------------
+
+
+def bwd_config(head_dim: int, interpreted: bool) -> dict:
+    """Tile sizes per kernel; fixed (not autotuned) so AOT reports what runs.
+
+    dK/dV keeps two (BLOCK_N, D) float32 accumulators and wants long key tiles with short query
+    tiles; dQ is the mirror image. Chosen so that no variant spills on sm_80 or sm_90 in fp16/bf16
+    (`scripts/aot_triton.py --variants` prints registers and spills): with 4 warps, dK/dV spilled at
+    both head dims; at D = 128, 128-key dK/dV tiles and 128-row dQ tiles spilled (sm_80).
+    """
+    if interpreted:
+        return {"pre": {"BLOCK_M": 32, "num_warps": 1, "num_stages": 1},
+                "dkdv": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 1, "num_stages": 1},
+                "dq": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 1, "num_stages": 1}}
+    if block_d(head_dim) <= 64:
+        return {"pre": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 1},
+                "dkdv": {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+                "dq": {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}}
+    return {"pre": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 1},
+            "dkdv": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+            "dq": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}}
+
+
+def _launch_opts(cfg: dict) -> dict:
+    return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+
+
+def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal,
+                  accumulate):
+    """Launch the three backward kernels; writes (or adds to, with `accumulate`) dq, dk, dv in place.
+
+    dout/out (B,S_q,H,D) any float dtype, lse (B,H,S_q) float32, dq/dk/dv contiguous float32.
+    """
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    dout, out, lse = dout.contiguous(), out.contiguous(), lse.contiguous()
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    seqlen_k, num_kv_heads = k.shape[1], k.shape[2]
+    for t in (dq, dk, dv):
+        assert t.dtype == torch.float32 and t.is_contiguous()
+    assert lse.dtype == torch.float32
+    device = q.device
+    interpreted = runs_interpreted(device)
+    cfg = bwd_config(head_dim, interpreted)
+    dots = dot_options(q.dtype, interpreted)
+    bd = block_d(head_dim)
+    group = num_heads // num_kv_heads
+    if batch * num_heads == 0:
+        return
+
+    delta = torch.empty((batch, num_heads, seqlen_q), dtype=torch.float32, device=device)
+    lse_log2 = torch.empty_like(delta)
+    if seqlen_q > 0:
+        pre = cfg["pre"]
+        runner(_attn_bwd_preprocess_kernel, device)[(triton.cdiv(seqlen_q, pre["BLOCK_M"]), batch * num_heads)](
+            out, dout, lse, delta, lse_log2, seqlen_q, num_heads,
+            HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=pre["BLOCK_M"], **_launch_opts(pre))
+
+    varlen = cu_seqlens_q is not None
+    dummy = torch.zeros(1, dtype=torch.int32, device=device)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2))
+    qk_scale = float(softmax_scale) * LOG2E
+    common = {"HEAD_DIM": head_dim, "BLOCK_D": bd, "CAUSAL": bool(causal), "VARLEN": varlen,
+              "ACCUMULATE": bool(accumulate), **dots}
+
+    c = cfg["dkdv"]
+    if varlen:
+        tile_seq, tile_block, grid0 = segment_tiles(cu_seqlens_k, c["BLOCK_N"], seqlen_k)
+        num_seqs = cu_seqlens_q.numel() - 1
+    else:
+        tile_seq = tile_block = dummy
+        grid0, num_seqs = triton.cdiv(seqlen_k, c["BLOCK_N"]), batch
+    if grid0 > 0:
+        runner(_attn_bwd_dkdv_kernel, device)[(grid0, batch * num_kv_heads)](
+            nonempty(q), k, v, nonempty(dout), nonempty(lse_log2), nonempty(delta), dk, dv,
+            cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy, tile_seq, tile_block,
+            *strides, seqlen_q, seqlen_k, num_heads, num_kv_heads, group, num_seqs, qk_scale,
+            float(softmax_scale), BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], **common, **_launch_opts(c))
+
+    c = cfg["dq"]
+    if varlen:
+        tile_seq, tile_block, grid0 = segment_tiles(cu_seqlens_q, c["BLOCK_M"], seqlen_q)
+    else:
+        grid0 = triton.cdiv(seqlen_q, c["BLOCK_M"])
+    if grid0 > 0:
+        runner(_attn_bwd_dq_kernel, device)[(grid0, batch * num_heads)](
+            q, nonempty(k), nonempty(v), dout, lse_log2, delta, dq,
+            cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy, tile_seq, tile_block,
+            *strides, seqlen_q, seqlen_k, num_heads, group, num_seqs, qk_scale, float(softmax_scale),
+            BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], **common, **_launch_opts(c))
+
+
+def aot_specs(dtype: str, head_dim: int, all_variants: bool = False):
+    """What `aot.py` compiles for this file: [(name, kernel, signature types, constexprs, options)].
+
+    By default the ring's hot path: causal, dense, accumulating into running gradients, dout in the
+    input dtype; with `all_variants` every (causal, varlen, accumulate) combination of dK/dV and dQ.
+    Scalars not named in the types map are int32.
+    """
+    cfg = bwd_config(head_dim, interpreted=False)
+    bd = block_d(head_dim)
+    io = f"*{dtype}"
+    pre_types = {"Out": io, "DO": io, "Lse": "*fp32", "Delta": "*fp32", "LseLog2": "*fp32"}
+    main_types = {"Q": io, "K": io, "V": io, "DO": io, "LseLog2": "*fp32", "Delta": "*fp32",
+                  "DK": "*fp32", "DV": "*fp32", "DQ": "*fp32", "CuQ": "*i32", "CuK": "*i32",
+                  "TileSeq": "*i32", "TileBlock": "*i32", "qk_scale": "fp32", "sm_scale": "fp32"}
+    specs = [("attn_bwd_preprocess", compiled_form(_attn_bwd_preprocess_kernel), pre_types,
+              {"HEAD_DIM": head_dim, "BLOCK_D": bd, "BLOCK_M": cfg["pre"]["BLOCK_M"]}, _launch_opts(cfg["pre"]))]
+    for name, kernel, key in (("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, "dkdv"),
+                              ("attn_bwd_dq", _attn_bwd_dq_kernel, "dq")):
+        c = cfg[key]
+        for causal, varlen, accumulate in variant_flags(all_variants):
+            constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": bd, "BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"],
+                          "CAUSAL": causal, "VARLEN": varlen, "ACCUMULATE": accumulate, "DOT_F32": False,
+                          "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+            specs.append((variant_name(name, (causal, varlen, accumulate), ("full", "dense", "write")),
+                          compiled_form(kernel), main_types, constexprs, _launch_opts(c)))
+    return specs

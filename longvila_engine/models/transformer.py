@@ -1,0 +1,421 @@
+"""`Transformer`: a Llama-class decoder sharded over tensor parallelism and MM-SP sequence parallelism.
+
+One rank holds: its tp shard of every weight (heads and FFN columns split, vocabulary split) and its
+sequence shard of every activation (zigzag over ring x Ulysses, DESIGN.md section 4). Attention is
+`sequence_parallel_attention` on the shard; RoPE uses the GLOBAL positions of the shard's tokens
+(restarting per packed sequence), so the result equals one device's.
+
+| module | weights (dense) | tp split |
+|---|---|---|
+| embed | (V, E) | vocabulary rows (VocabParallelEmbedding) |
+| q_proj / k_proj / v_proj | (H*D, E) / (K*D, E) | heads (column); K/V replicated when tp > K |
+| o_proj | (E, H*D) | heads (row) |
+| gate_proj, up_proj / down_proj | (F, E) / (E, F) | FFN columns (column / row) |
+| norms | (E,) | replicated |
+| lm_head | (V, E) | vocabulary rows, consumed by the vocab-parallel loss (never gathered) |
+
+K/V heads: with K % tp == 0 each tp rank owns K/tp heads; with tp % K == 0 every rank holds all K
+heads (replicated weights, gradient all-reduced over tp) and uses the one its query heads read;
+anything else is a ValueError.
+
+`tp_sequence_parallel=True` adds Megatron sequence parallelism inside the tp group: norms and the
+residual stream hold 1/tp of the local shard, column layers all-gather it, row layers reduce-scatter.
+
+Not here: batch preparation and the loss normalisation (`loss.py`), gradient reduction and the
+optimizer (`train.py`).
+
+Legend: B batch, S local sequence length, E hidden, H/K query/kv heads, D head dim, F FFN width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..ops import flash_attention
+from ..tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from ..tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    init_from_dense_,
+    mark_tp,
+    param_seed,
+)
+from ..tensor_parallel.mappings import axis_rank, axis_size, copy_to_tp_region, gather_from_sequence_region
+from .config import ModelConfig
+from .loss import sequence_parallel_loss
+
+__all__ = ["Transformer", "RMSNorm", "rope_cos_sin", "apply_rope"]
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype=torch.float32):
+    """cos, sin of shape (B, S, 1, D) for int positions (B, S); angles computed in float64.
+
+    Float64 angles keep position 1e6 * inv_freq exact to ~1e-10 rad, where float32 would lose ~0.06.
+    """
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim
+    )
+    angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq
+    angles = torch.cat([angles, angles], dim=-1).unsqueeze(2)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (the Llama / Hugging Face convention) on x (B, S, H, D), in cos's dtype."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.to(cos.dtype) * cos + rotated.to(cos.dtype) * sin).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a replicated weight; under tp sequence parallelism its gradient is summed over tp."""
+
+    def __init__(
+        self, dim: int, eps: float, groups, *, sequence_parallel: bool = False, dtype=None, device=None
+    ):
+        super().__init__()
+        self.groups, self.eps, self.sequence_parallel = groups, eps, sequence_parallel
+        self.weight = mark_tp(nn.Parameter(torch.empty(dim, dtype=dtype, device=device)), None, (dim,), None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = copy_to_tp_region(self.weight, self.groups) if self.sequence_parallel else self.weight
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+
+
+class ReplicatedHeadsLinear(nn.Module):
+    """K or V projection for tp > num_kv_heads: all heads' weights on every rank, one head used.
+
+    | tensor | shape |
+    |---|---|
+    | weight | (K*D, E) dense, replicated (tp_dim None) |
+    | x | (B, S, E), already in the tp region (copied or gathered) |
+    | out | (B, S, D): head `head` of the dense projection |
+
+    | | forward | backward |
+    |---|---|---|
+    | weight | identity (`copy_to_tp_region`) | all-reduce over tp: the replicas' partial grads summed |
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_heads: int,
+        head_dim: int,
+        head: int,
+        groups,
+        *,
+        bias: bool,
+        init_std: float,
+        dtype=None,
+        device=None,
+    ):
+        super().__init__()
+        self.groups, self.head, self.head_dim = groups, head, head_dim
+        shape = (num_heads * head_dim, in_features)
+        self.weight = mark_tp(
+            nn.Parameter(torch.empty(shape, dtype=dtype, device=device)), None, shape, init_std
+        )
+        self.bias = None
+        if bias:
+            self.bias = mark_tp(
+                nn.Parameter(torch.empty(shape[0], dtype=dtype, device=device)), None, (shape[0],), init_std
+            )
+
+    def forward(self, x: torch.Tensor, input_in_tp_region: bool = True) -> torch.Tensor:
+        assert input_in_tp_region
+        rows = slice(self.head * self.head_dim, (self.head + 1) * self.head_dim)
+        weight = copy_to_tp_region(self.weight, self.groups)[rows]
+        bias = None if self.bias is None else copy_to_tp_region(self.bias, self.groups)[rows]
+        return F.linear(x, weight, bias)
+
+
+class Attention(nn.Module):
+    """GQA self-attention: column-parallel Q/K/V, RoPE, sequence-parallel attention, row-parallel output."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        groups,
+        *,
+        sequence_parallel: bool,
+        backend: str,
+        scheme: str,
+        algorithm: str,
+        dtype=None,
+        device=None,
+    ):
+        super().__init__()
+        tp = axis_size(groups)
+        E, H, K, D = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        if H % tp:
+            raise ValueError(
+                f"num_heads={H} is not divisible by tp={tp}; tensor parallelism splits query heads"
+            )
+        self.groups, self.backend, self.scheme, self.algorithm = groups, backend, scheme, algorithm
+        self.num_heads_local, self.head_dim = H // tp, D
+        std, out_std = config.init_std, config.init_std / math.sqrt(2 * config.num_layers)
+        kw = {"dtype": dtype, "device": device}
+        self.q_proj = ColumnParallelLinear(
+            E, H * D, groups, bias=config.qkv_bias, sequence_parallel=sequence_parallel, init_std=std, **kw
+        )
+        if K % tp == 0:
+            self.num_kv_local = K // tp
+            self.k_proj = ColumnParallelLinear(
+                E,
+                K * D,
+                groups,
+                bias=config.qkv_bias,
+                sequence_parallel=sequence_parallel,
+                init_std=std,
+                **kw,
+            )
+            self.v_proj = ColumnParallelLinear(
+                E,
+                K * D,
+                groups,
+                bias=config.qkv_bias,
+                sequence_parallel=sequence_parallel,
+                init_std=std,
+                **kw,
+            )
+        elif tp % K == 0:
+            # This rank's query heads [r*H/tp, (r+1)*H/tp) all read kv head r // (tp/K).
+            self.num_kv_local = 1
+            head = axis_rank(groups) // (tp // K)
+            self.k_proj = ReplicatedHeadsLinear(
+                E, K, D, head, groups, bias=config.qkv_bias, init_std=std, **kw
+            )
+            self.v_proj = ReplicatedHeadsLinear(
+                E, K, D, head, groups, bias=config.qkv_bias, init_std=std, **kw
+            )
+        else:
+            raise ValueError(
+                f"num_kv_heads={K} and tp={tp}: tp must divide the kv head count or be a multiple "
+                f"of it (then kv heads are replicated); choose tp in "
+                f"{sorted({d for d in range(1, H + 1) if H % d == 0 and (K % d == 0 or d % K == 0)})}"
+            )
+        self.o_proj = RowParallelLinear(
+            H * D,
+            E,
+            groups,
+            input_is_parallel=True,
+            sequence_parallel=sequence_parallel,
+            init_std=out_std,
+            **kw,
+        )
+
+    def _attend(self, q, k, v, cu_seqlens):
+        if self.groups is None:
+            return flash_attention(
+                q, k, v, causal=True, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, backend=self.backend
+            )
+        from ..attention.sequence_parallel import sequence_parallel_attention
+
+        return sequence_parallel_attention(
+            q,
+            k,
+            v,
+            self.groups,
+            causal=True,
+            cu_seqlens=cu_seqlens,
+            backend=self.backend,
+            scheme=self.scheme,
+            algorithm=self.algorithm,
+        )
+
+    def forward(self, x, cos, sin, cu_seqlens=None):
+        x = self.q_proj.enter_tp_region(x)  # one copy / gather shared by Q, K and V
+        B, S, D = x.shape[0], x.shape[1], self.head_dim
+        q = self.q_proj(x, input_in_tp_region=True).view(B, S, self.num_heads_local, D)
+        k = self.k_proj(x, input_in_tp_region=True).view(B, S, self.num_kv_local, D)
+        v = self.v_proj(x, input_in_tp_region=True).view(B, S, self.num_kv_local, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = self._attend(q, k, v, cu_seqlens)
+        return self.o_proj(out.reshape(B, S, self.num_heads_local * D))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate/up column-parallel, down row-parallel."""
+
+    def __init__(self, config: ModelConfig, groups, *, sequence_parallel: bool, dtype=None, device=None):
+        super().__init__()
+        E, Fw = config.hidden_size, config.ffn_hidden_size
+        kw = {"dtype": dtype, "device": device, "sequence_parallel": sequence_parallel}
+        self.gate_proj = ColumnParallelLinear(E, Fw, groups, init_std=config.init_std, **kw)
+        self.up_proj = ColumnParallelLinear(E, Fw, groups, init_std=config.init_std, **kw)
+        self.down_proj = RowParallelLinear(
+            Fw, E, groups, init_std=config.init_std / math.sqrt(2 * config.num_layers), **kw
+        )
+
+    def forward(self, x):
+        x = self.gate_proj.enter_tp_region(x)
+        return self.down_proj(
+            F.silu(self.gate_proj(x, input_in_tp_region=True)) * self.up_proj(x, input_in_tp_region=True)
+        )
+
+
+class TransformerBlock(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        groups,
+        *,
+        sequence_parallel: bool,
+        backend: str,
+        scheme: str,
+        algorithm: str,
+        dtype=None,
+        device=None,
+    ):
+        super().__init__()
+        kw = {"dtype": dtype, "device": device}
+        self.attn_norm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, groups, sequence_parallel=sequence_parallel, **kw
+        )
+        self.attn = Attention(
+            config,
+            groups,
+            sequence_parallel=sequence_parallel,
+            backend=backend,
+            scheme=scheme,
+            algorithm=algorithm,
+            **kw,
+        )
+        self.mlp_norm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, groups, sequence_parallel=sequence_parallel, **kw
+        )
+        self.mlp = MLP(config, groups, sequence_parallel=sequence_parallel, **kw)
+
+    def forward(self, h, cos, sin, cu_seqlens=None):
+        h = h + self.attn(self.attn_norm(h), cos, sin, cu_seqlens)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class Transformer(nn.Module):
+    """Llama-class decoder on one rank of a (dp, ring, ulysses, tp) layout; `groups=None` = one process.
+
+    Options: `tp_sequence_parallel` (Megatron SP inside tp), `activation_checkpointing` (per block,
+    off by default: the engine trains long contexts without it), `attention_backend` (ops backend),
+    `scheme` (the sharding scheme the batch was cut with), `attention_algorithm` ("ring" or
+    "allgather"), `ce_chunk_size` (tokens per loss chunk), `seed` (deterministic, layout-free init:
+    every tp rank holds exactly its slices of the dense model built from the same seed).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        groups=None,
+        *,
+        tp_sequence_parallel: bool = False,
+        activation_checkpointing: bool = False,
+        attention_backend: str = "auto",
+        scheme: str = "zigzag",
+        attention_algorithm: str = "ring",
+        ce_chunk_size: int | None = None,
+        ignore_index: int = -100,
+        seed: int = 0,
+        dtype=None,
+        device=None,
+    ):
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}")
+        self.config, self.groups = config, groups
+        self.tp_sequence_parallel = bool(tp_sequence_parallel) and axis_size(groups) > 1
+        self.activation_checkpointing = activation_checkpointing
+        self.ce_chunk_size, self.ignore_index = ce_chunk_size, ignore_index
+        sp = self.tp_sequence_parallel
+        kw = {"dtype": dtype, "device": device}
+        self.embed = VocabParallelEmbedding(
+            config.vocab_size,
+            config.hidden_size,
+            groups,
+            sequence_parallel=sp,
+            init_std=config.init_std,
+            **kw,
+        )
+        self.layers = nn.ModuleList(
+            TransformerBlock(
+                config,
+                groups,
+                sequence_parallel=sp,
+                backend=attention_backend,
+                scheme=scheme,
+                algorithm=attention_algorithm,
+                **kw,
+            )
+            for _ in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, groups, sequence_parallel=sp, **kw)
+        self.lm_head = ColumnParallelLinear(
+            config.hidden_size, config.vocab_size, groups, init_std=config.init_std, **kw
+        )
+        self.reset_parameters(seed)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int = 0) -> None:
+        """Seeded init: each parameter is its tp slice of a dense tensor drawn from (seed, name)."""
+        for name, param in self.named_parameters():
+            init_from_dense_(param, self.groups, param_seed(seed, name))
+
+    def forward(
+        self,
+        input_ids_local: torch.Tensor,
+        positions_local: torch.Tensor,
+        labels_local: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ):
+        """Loss (labels given) or final hidden states (B, S_local, E).
+
+        | arg | shape | meaning |
+        |---|---|---|
+        | input_ids_local | (B, S_local) int64 | this rank's shard (`loss.local_batch`) |
+        | positions_local | (B, S_local) or (S_local,) | GLOBAL positions of those tokens (RoPE) |
+        | labels_local | (B, S_local) or None | globally shifted targets of those tokens |
+        | cu_seqlens | (N+1,) int32 or None | packed varlen (B=1): global offsets over the padded sequence |
+
+        The loss is this shard's summed token loss over the sp group's supervised-token count: the sp
+        ranks' losses add up to the sample mean (DESIGN.md section 6).
+        """
+        if input_ids_local.dim() != 2:
+            raise ValueError(f"input_ids_local must be (B, S_local), got {tuple(input_ids_local.shape)}")
+        B, S = input_ids_local.shape
+        positions = positions_local.expand(B, S) if positions_local.dim() == 1 else positions_local
+        if tuple(positions.shape) != (B, S):
+            raise ValueError(
+                f"positions_local shape {tuple(positions_local.shape)} does not match ids {(B, S)}"
+            )
+        tp = axis_size(self.groups)
+        if self.tp_sequence_parallel and S % tp:
+            raise ValueError(f"tp_sequence_parallel needs the local length {S} divisible by tp={tp}")
+        h = self.embed(input_ids_local)
+        rope_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, rope_dtype)
+        for layer in self.layers:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, cu_seqlens, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, cu_seqlens)
+        h = self.norm(h)
+        if labels_local is None:
+            if self.tp_sequence_parallel:
+                h = gather_from_sequence_region(h, self.groups, dim=1, grad_is_partial=False)
+            return h
+        if tuple(labels_local.shape) != (B, S):
+            raise ValueError(f"labels_local shape {tuple(labels_local.shape)} does not match ids {(B, S)}")
+        loss_sum, count = vocab_parallel_cross_entropy(
+            h,
+            self.lm_head.weight,
+            labels_local,
+            self.groups,
+            ignore_index=self.ignore_index,
+            chunk_size=self.ce_chunk_size,
+            sequence_parallel=self.tp_sequence_parallel,
+        )
+        return sequence_parallel_loss(loss_sum, count, self.groups)

@@ -1,0 +1,272 @@
+"""backend='triton' against backend='reference': forward, backward, varlen, resume, AOT compile.
+
+How this file gets an interpreter. Measured on triton 3.7.1: TRITON_INTERPRET is read when a
+function is decorated with @triton.jit, and triton's own language helpers (tl.zeros, tl.sum, ...) are
+decorated by `import triton`. So whether a process interprets or compiles is fixed by its first
+`import triton`, for the whole process; setting the variable later only changes `triton.knobs` and the
+dispatcher's availability check (`ops._available`, read at every call).
+This module therefore:
+- sets TRITON_INTERPRET=1 only if triton is not imported yet, imports triton, and puts os.environ
+  back at once, so other modules see the environment they started with;
+- sets it again only while its own tests run (a module fixture), for the dispatcher's check;
+- runs on CPU tensors when the process interprets, else on CUDA (and skips without a GPU).
+What other modules do inherit, when this module is the first to import triton: an interpreting
+triton. On a CPU-only machine that is the only triton that can run at all.
+
+Shapes are small (the interpreter runs every tile op in Python) and odd: sequences that are not a
+multiple of the 32-row interpreter tile, S_q != S_k, GQA 4:2, MQA 4:1, a head dim of 24.
+"""
+import os
+import subprocess
+import sys
+
+_PRIOR = os.environ.get("TRITON_INTERPRET")
+if "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    import triton  # noqa: F401,E402  (must follow the variable)
+finally:
+    if _PRIOR is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PRIOR
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from longvila_engine.kernels.triton.attention_fwd import process_interprets  # noqa: E402
+from longvila_engine.ops import (  # noqa: E402
+    block_attention,
+    block_attention_backward,
+    flash_attention,
+    reference,
+    triton_backend,
+)
+
+INTERPRETS = process_interprets()
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpreter_env():
+    """While this module's tests run, let the dispatcher accept backend='triton' for CPU tensors."""
+    if not INTERPRETS:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def device():
+    if INTERPRETS:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        pytest.skip("triton was imported before this module without TRITON_INTERPRET=1 and there is no "
+                    "GPU; run `pytest tests/test_backend_triton.py` on its own")
+    return torch.device("cuda")
+
+
+def _qkv(shape_q, shape_k, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(shape_q, generator=g, dtype=torch.float64)
+    k = torch.randn(shape_k, generator=g, dtype=torch.float64)
+    v = torch.randn(shape_k, generator=g, dtype=torch.float64)
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+
+def _nan(shape, device):
+    return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+
+
+def _run_both(q, k, v, dout, causal, cu_q=None, cu_k=None, scale=None):
+    """Forward and backward through both backends' entry points; the triton outputs start as NaN, so
+    any element a kernel does not write fails the comparison."""
+    B, Sq, H, D = q.shape
+    scale = D ** -0.5 if scale is None else scale
+    res = {}
+    for name, be in (("triton", triton_backend), ("reference", reference)):
+        out, lse = _nan((B, Sq, H, D), q.device), _nan((B, H, Sq), q.device)
+        be.forward(q, k, v, out, lse, cu_q, cu_k, scale, causal, False)
+        dq, dk, dv = _nan(q.shape, q.device), _nan(k.shape, q.device), _nan(v.shape, q.device)
+        be.backward(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, scale, causal, False)
+        res[name] = (out, lse, dq, dk, dv)
+    return res
+
+
+# (B, S_q, S_k, H, H_kv, D, causal)
+CASES = [
+    pytest.param(2, 37, 37, 4, 2, 16, True, id="gqa4:2-causal-S37"),
+    pytest.param(1, 45, 67, 4, 1, 32, False, id="mqa4:1-Sq45-Sk67"),
+    pytest.param(1, 67, 40, 2, 2, 16, True, id="mha-causal-Sq67-Sk40"),
+    pytest.param(1, 33, 50, 4, 2, 24, True, id="gqa-causal-D24"),
+]
+
+
+@pytest.mark.parametrize("B,Sq,Sk,H,Hk,D,causal", CASES)
+def test_float32_matches_reference(device, B, Sq, Sk, H, Hk, D, causal):
+    q, k, v = _qkv((B, Sq, H, D), (B, Sk, Hk, D), torch.float32, device)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    res = _run_both(q, k, v, dout, causal)
+    for got, want in zip(res["triton"][:2], res["reference"][:2]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for got, want in zip(res["triton"][2:], res["reference"][2:]):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def _naive_attention(q, k, v, causal):
+    """Plain PyTorch attention computed in the inputs' dtype: the baseline of the tolerance rule."""
+    group = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+    if causal:
+        keep = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, dim=-1), v)
+
+
+def _fwd_bwd(fn, q, k, v, dout):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(dout.to(out.dtype))
+    return [out.detach()] + [t.grad for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,Sq,Sk,H,Hk,D,causal", [
+    pytest.param(1, 45, 45, 4, 2, 32, True, id="gqa-causal"),
+    pytest.param(1, 37, 53, 4, 1, 16, False, id="mqa-Sq37-Sk53"),
+])
+def test_low_precision_tolerance_rule(device, dtype, B, Sq, Sk, H, Hk, D, causal):
+    """Flash-attention's rule: the kernel's error against a float64 truth is at most 2x (forward) or
+    3x (backward) the error of plain PyTorch attention run in the same dtype. A ratio alone would
+    fail on tensors where the baseline happens to be nearly exact, so each bound has a floor: the
+    error of merely rounding the float64 truth to `dtype`, which no kernel returning `dtype` beats."""
+    q, k, v = _qkv((B, Sq, H, D), (B, Sk, Hk, D), dtype, device)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    truth = _fwd_bwd(lambda a, b, c: flash_attention(a, b, c, causal=causal, backend="reference"),
+                     q.double(), k.double(), v.double(), dout.double())
+    base = _fwd_bwd(lambda a, b, c: _naive_attention(a, b, c, causal), q, k, v, dout)
+    got = _fwd_bwd(lambda a, b, c: flash_attention(a, b, c, causal=causal, backend="triton"), q, k, v, dout)
+    for i, (name, factor) in enumerate((("out", 2), ("dq", 3), ("dk", 3), ("dv", 3))):
+        assert got[i].dtype == dtype
+        err = (got[i].double() - truth[i]).abs().max().item()
+        base_err = (base[i].double() - truth[i]).abs().max().item()
+        floor = (truth[i].to(dtype).double() - truth[i]).abs().max().item()
+        assert err <= factor * base_err + floor, f"{name}: error {err:.3g} vs baseline {base_err:.3g}"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_with_single_token_and_empty_sequences(device, causal):
+    # Sequence 1 has one query, sequence 2 no query, sequence 4 no key (its rows see nothing).
+    lens_q, lens_k = [20, 1, 0, 17, 5], [23, 3, 4, 19, 0]
+    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    H, Hk, D = 4, 2, 16
+    q, k, v = _qkv((1, sum(lens_q), H, D), (1, sum(lens_k), Hk, D), torch.float32, device)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    res = _run_both(q, k, v, dout, causal, cu_q, cu_k)
+    for got, want in zip(res["triton"][:2], res["reference"][:2]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for got, want in zip(res["triton"][2:], res["reference"][2:]):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    out, lse, dq = res["triton"][:3]
+    blind = slice(sum(lens_q[:4]), sum(lens_q))  # rows of the sequence without keys
+    assert torch.all(lse[:, :, blind] == float("-inf"))
+    assert torch.all(out[:, blind] == 0) and torch.all(dq[:, blind] == 0)
+
+
+@pytest.mark.parametrize("splits", [(20, 30, 17), (40, 27)])
+def test_resume_over_key_blocks_equals_one_call(device, splits):
+    """The fused ring step: merging K/V blocks one by one, from an empty (0, -inf) start, equals one
+    call over all keys (non-causal: every key block is fully visible, as in the ring's past blocks)."""
+    B, Sq, H, Hk, D = 1, 41, 4, 2, 16
+    Sk = sum(splits)
+    q, k, v = _qkv((B, Sq, H, D), (B, Sk, Hk, D), torch.float32, device)
+    whole_out, whole_lse = block_attention(q, k, v, causal=False, backend="reference")
+    out = torch.zeros((B, Sq, H, D), dtype=torch.float32, device=device)
+    lse = torch.full((B, H, Sq), float("-inf"), dtype=torch.float32, device=device)
+    start = 0
+    for n in splits:
+        got = block_attention(q, k[:, start:start + n], v[:, start:start + n], causal=False, out=out, lse=lse,
+                              backend="triton")
+        assert got[0] is out and got[1] is lse
+        start += n
+    torch.testing.assert_close(out, whole_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, whole_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_resume_causal_diagonal_then_past_block_and_accumulated_grads(device):
+    """Ring order on one rank: the causal diagonal block first, then a past block merged in; the
+    backward of each block against the final (out, lse) accumulates into shared dq."""
+    B, S, H, Hk, D = 1, 35, 4, 1, 16
+    q, k_diag, v_diag = _qkv((B, S, H, D), (B, S, Hk, D), torch.float32, device, seed=3)
+    _, k_past, v_past = _qkv((B, S, H, D), (B, S, Hk, D), torch.float32, device, seed=4)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(device)
+    results = {}
+    for backend in ("triton", "reference"):
+        out, lse = block_attention(q, k_diag, v_diag, causal=True, backend=backend)
+        out = out.float()
+        block_attention(q, k_past, v_past, causal=False, out=out, lse=lse, backend=backend)
+        dq, dk, dv = block_attention_backward(dout, q, k_diag, v_diag, out, lse, causal=True, backend=backend)
+        dq2, dk2, dv2 = (torch.full_like(t, 0.5) for t in (dq, dk, dv))
+        block_attention_backward(dout, q, k_past, v_past, out, lse, causal=False, dq=dq2, dk=dk2, dv=dv2,
+                                 backend=backend)
+        results[backend] = (out, lse, dq, dk, dv, dq2, dk2, dv2)
+    for i, (got, want) in enumerate(zip(results["triton"], results["reference"])):
+        tol = 1e-5 if i < 2 else 1e-4
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_autograd_matches_reference_autograd(device, causal):
+    q, k, v = _qkv((2, 29, 4, 16), (2, 29, 2, 16), torch.float32, device, seed=7)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(8)).to(device)
+    got = _fwd_bwd(lambda a, b, c: flash_attention(a, b, c, causal=causal, backend="triton"), q, k, v, dout)
+    want = _fwd_bwd(lambda a, b, c: flash_attention(a, b, c, causal=causal, backend="reference"), q, k, v, dout)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    for g, w in zip(got[1:], want[1:]):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_strided_inputs(device):
+    """q/k/v as (B, H, S, D) memory seen through a transpose (head stride S*D): same results."""
+    q, k, v = _qkv((1, 37, 4, 16), (1, 37, 2, 16), torch.float32, device, seed=9)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(10)).to(device)
+    views = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
+    assert not views[0].is_contiguous()
+    got = _run_both(*views, dout, True)["triton"]
+    want = _run_both(q, k, v, dout, True)["triton"]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("Sq,Sk", [(19, 0), (0, 19)])
+def test_no_keys_or_no_queries(device, Sq, Sk):
+    """Zero keys: out = 0, lse = -inf, dq = 0. Zero queries: dk = dv = 0. Every element written."""
+    q, k, v = _qkv((2, Sq, 2, 16), (2, Sk, 1, 16), torch.float32, device)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    res = _run_both(q, k, v, dout, False)
+    for got, want in zip(res["triton"], res["reference"]):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_float64_is_refused_with_the_fix(device):
+    q, k, v = _qkv((1, 8, 2, 16), (1, 8, 2, 16), torch.float64, device)
+    with pytest.raises(ValueError, match=r"float64.*backend='cpu'.*backend='reference'"):
+        block_attention(q, k, v, causal=True, backend="triton")
+
+
+def test_aot_compile_one_kernel_for_sm90():
+    """AOT needs a process whose triton compiles (not interpreting): a fresh interpreter, without the
+    variable, compiles the forward kernel for sm_90 in fp16 at D=64. No GPU is needed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    code = ("from longvila_engine.kernels.triton import aot\n"
+            "r = aot.compile_kernel('attn_fwd', 90, 'fp16', 64)\n"
+            "print(r.n_regs, r.n_spills, r.shared)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n_regs, n_spills, shared = map(int, proc.stdout.split())
+    assert n_regs > 0 and n_spills >= 0 and shared > 0
