@@ -27,7 +27,7 @@ build: $(STAMP)
 	$(VPY) -c "from longvila_engine._extension import require_extension; require_extension(); print('extension: ok')"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check longvila_engine tests benchmarks scripts
+	$(VENV)/bin/ruff check longvila_engine tests benchmarks scripts examples
 
 cuda-check:
 	bash scripts/check_cuda.sh
@@ -43,6 +43,7 @@ smoke: build
 	$(VPY) benchmarks/bench_kernels.py --smoke --no-plot
 	$(VPY) benchmarks/bench_sp_attention.py --smoke
 	$(VPY) benchmarks/projection.py --smoke
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 4 examples/sp_attention.py
 
 test: build lint cuda-check triton-aot pytest smoke
 
