@@ -24,6 +24,7 @@ __all__ = ["ops", *_LAZY]
 def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    if name in ("ops", "parallel", "comm", "attention", "kernels", "models", "tensor_parallel"):
+    if name in ("ops", "parallel", "comm", "attention", "kernels", "models", "tensor_parallel", "multimodal",
+                "inference", "integrations", "train", "checkpoint"):
         return importlib.import_module(f"longvila_engine.{name}")
     raise AttributeError(f"module 'longvila_engine' has no attribute {name!r}")
