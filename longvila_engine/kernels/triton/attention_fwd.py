@@ -11,7 +11,7 @@ sequence and which row block each program owns, so nothing synchronises with the
 (padded to a power of two inside the kernel). Rows that see no key get lse = -inf and out = 0.
 
 What it does not do: float64 (the backend refuses it), dropout, bias, sliding windows, or any
-autotuning: configs are fixed per head dim (see `fwd_config`) so the ahead-of-time compile in
+autotuning: configs are fixed per head dim and dtype width (`fwd_config`) so the ahead-of-time compile in
 `aot.py` reports exactly what runs.
 
 This file also holds the small launch helpers that `attention_bwd.py` shares (choosing the compiled
@@ -239,7 +239,7 @@ def _attn_fwd_kernel(
         top = tl.maximum(lse_old, lse_blk)
         top_safe = tl.where(top == float("-inf"), 0.0, top)
         lse_new = top_safe + tl.log(tl.exp(lse_old - top_safe) + tl.exp(lse_blk - top_safe))
-        # Where lse' = -inf both inputs are -inf too: dividing by exp(0) keeps both weights at 0.
+        # Where lse' = -inf both inputs are -inf: subtracting 0 instead keeps both weights at exp(-inf) = 0.
         lse_ref = tl.where(lse_new == float("-inf"), 0.0, lse_new)
         w_old = tl.exp(lse_old - lse_ref)
         w_blk = tl.exp(lse_blk - lse_ref)
@@ -254,16 +254,20 @@ def _attn_fwd_kernel(
 # ---------------------------------------------------------------------------------------------------
 
 
-def fwd_config(head_dim: int, interpreted: bool) -> dict:
+def fwd_config(head_dim: int, interpreted: bool, fp32: bool = False) -> dict:
     """Tile sizes and launch settings. Fixed, not autotuned, so AOT reports what runs.
 
     Interpreted runs use 32x32 tiles: each tile op costs Python time there (16x16 tiles ran twice as
     long), and sequences of 33-70 rows still cross several tiles (partial tiles, the causal diagonal,
-    the unmasked fast path).
+    the unmasked fast path). GPU tiles were chosen so that no variant spills on sm_80 or sm_90
+    (`scripts/aot_triton.py --variants`); float32 inputs (tests, the 1e-5 contract) need smaller ones.
     """
     if interpreted:
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 1, "num_stages": 1}
-    if block_d(head_dim) <= 64:
+    small_d = block_d(head_dim) <= 64
+    if fp32:
+        return {"BLOCK_M": 64, "BLOCK_N": 64 if small_d else 32, "num_warps": 8, "num_stages": 2}
+    if small_d:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
 
@@ -280,7 +284,7 @@ def attention_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, 
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
     assert out.is_contiguous() and lse.is_contiguous()
     interpreted = runs_interpreted(q.device)
-    cfg = fwd_config(head_dim, interpreted)
+    cfg = fwd_config(head_dim, interpreted, fp32=q.dtype == torch.float32)
     varlen = cu_seqlens_q is not None
     if varlen:
         tile_seq, tile_block, grid0 = segment_tiles(cu_seqlens_q, cfg["BLOCK_M"], seqlen_q)
@@ -313,7 +317,7 @@ def aot_specs(dtype: str, head_dim: int, all_variants: bool = False):
     with `all_variants` also every other (causal, varlen, resume) combination, named by its flags.
     `dtype` is a triton type name ("fp16", "bf16", "fp32"). Scalars not in the types map are int32.
     """
-    cfg = fwd_config(head_dim, interpreted=False)
+    cfg = fwd_config(head_dim, interpreted=False, fp32=dtype == "fp32")
     kernel = compiled_form(_attn_fwd_kernel)
     types = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "Out": "*fp32", "Lse": "*fp32",
              "CuQ": "*i32", "CuK": "*i32", "TileSeq": "*i32", "TileBlock": "*i32", "qk_scale": "fp32"}
