@@ -13,8 +13,9 @@ same ranks and shapes, attention only.
 Two modes per layout:
 - `attention`: one forward+backward of the attention of one layer (`sequence_parallel_attention`) on
   this rank's shard: tp ranks hold H/tp heads.
-- `train`: forward+backward of the whole model (`Transformer`, loss included) plus the gradient
-  all-reduce over dp x sp (`train.average_gradients`); no optimizer step (it is layout-free).
+- `train`: forward+backward of the whole model (`Transformer`, loss included); with --grad-sync also
+  the gradient all-reduce over dp x sp (`train.average_gradients`), which on these small models
+  outweighs the activations' traffic; no optimizer step (it is layout-free).
 
 Reported per layout and mode: step time (median over repeats of the slowest rank), tokens/s per rank,
 peak memory per rank (harness: torch allocator high-water mark and RSS growth on CPU,
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import sys
 import tempfile
@@ -250,8 +252,8 @@ def _attention_step(groups, cfg, seq_len, batch, backend, device, dtype, torch_r
     return step
 
 
-def _train_step(groups, cfg, seq_len, batch, backend, device, dtype):
-    """A closure running forward+backward of the model and the gradient all-reduce on this rank."""
+def _train_step(groups, cfg, seq_len, batch, backend, device, dtype, grad_sync=False):
+    """A closure running forward+backward of the model (and with grad_sync the gradient all-reduce)."""
     from longvila_engine.models import Transformer, local_batch
     from longvila_engine.train import average_gradients
 
@@ -265,7 +267,8 @@ def _train_step(groups, cfg, seq_len, batch, backend, device, dtype):
         model.zero_grad(set_to_none=True)
         loss = model(lb.input_ids, lb.positions, lb.labels, lb.cu_seqlens)
         loss.backward()
-        average_gradients(model, groups)
+        if grad_sync:
+            average_gradients(model, groups)
     return step
 
 
@@ -324,7 +327,8 @@ def fold(name, layout, mode, seq_len, size, backend, per_rank, extra=None):
     record = {"case": name, "backend": backend, **step.summary_ms(),
               "config": {"mode": mode, "seq_len": seq_len, "model": size["model"], "world": world,
                          "shape": shape, "gpus_per_node": None if layout is None else layout.gpus_per_node,
-                         "batch": size["batch"], "dtype": size.get("dtype"), "tag": size.get("tag")},
+                         "batch": size["batch"], "dtype": size.get("dtype"), "tag": size.get("tag"),
+                         "grad_sync": size.get("grad_sync")},
               "tokens": tokens, "tokens_per_s": tokens / step.median,
               "tokens_per_s_per_rank": tokens / step.median / world,
               "peak_alloc_mb": mem_max("peak_alloc_mb"), "peak_rss_mb": mem_max("peak_rss_mb"),
@@ -364,7 +368,7 @@ def run_rank(args):
     for key in ("model", "seq_lens", "repeats"):
         if getattr(args, key) is not None:
             size[key] = getattr(args, key)
-    size["tag"] = args.tag
+    size["tag"], size["grad_sync"] = args.tag, args.grad_sync
     gpus_per_node = args.gpus_per_node or (torch.cuda.device_count() if device.type == "cuda" else 2)
     cfg = model_config(size["model"])
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -383,7 +387,8 @@ def run_rank(args):
     ring_groups = next(g for n, _, g in layouts if n == "ring_only")
     for seq_len in size["seq_lens"]:
         for mode in modes:
-            maker = _attention_step if mode == "attention" else _train_step
+            maker = _attention_step if mode == "attention" else \
+                functools.partial(_train_step, grad_sync=args.grad_sync)
             cases, meta = [], []
             for name, layout, groups in layouts:
                 step = maker(groups, cfg, seq_len, size["batch"], backend, device, dtype)
@@ -485,6 +490,8 @@ def parse_args(argv=None):
     p.add_argument("--backend", default="auto", help="block kernel backend (auto, reference, cpu, triton)")
     p.add_argument("--world", type=int, default=4, help="ranks to spawn when not under torchrun")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--grad-sync", action="store_true",
+                   help="train mode: add the gradient all-reduce over dp x sp (train.average_gradients)")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch's context-parallel rows")
     p.add_argument("--tag", default=None, help="label stored in every row (e.g. the emulated link speed)")
     p.add_argument("--results-dir", default=None)

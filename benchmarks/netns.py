@@ -40,6 +40,7 @@ H100_FLOPS = 989.4e12  # dense bf16 tensor FLOP/s per GPU (REFERENCE.md)
 IB_BYTES_PER_S = 50e9  # 400 Gb/s NDR per GPU, one direction (REFERENCE.md)
 IB_LATENCY_S = 33e-6  # inter-node small-message send/recv (REFERENCE.md, NVIDIA/nccl-tests#214)
 SUBNET = "169.254.77"
+_children: list = []  # rank processes of the current link speed, ended with the namespaces
 
 
 def link_params(gemm_flops_per_rank: float, ranks_per_node: int, factor: float = 1.0,
@@ -153,6 +154,7 @@ def run_at(n, link, args, bench_args, tag) -> tuple[int, list[dict]]:
     port = 29000 + os.getpid() % 1000
     procs = [subprocess.Popen(argv, env=env, cwd=REPO_ROOT)
              for argv, env in rank_commands(n, args.world, args.ranks_per_node, port, bench_args + ["--tag", tag])]
+    _children[:] = procs
     rc = 0
     try:
         for p in procs:
@@ -171,8 +173,9 @@ def run_at(n, link, args, bench_args, tag) -> tuple[int, list[dict]]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--factors", type=float, nargs="+", default=[1.0, 4.0, 16.0],
-                   help="link speed multiples of the H100/IB bytes-per-FLOP ratio")
+    p.add_argument("--factors", type=float, nargs="+", default=[4.0, 16.0, 64.0],
+                   help="link speed multiples of the H100/IB bytes-per-FLOP ratio (1 = H100 on IB; on a "
+                        "loaded 2-core CPU factor 1 is a few Mbit/s and a run takes many minutes)")
     p.add_argument("--world", type=int, default=4)
     p.add_argument("--ranks-per-node", type=int, default=2)
     p.add_argument("--gemm-gflops", type=float, default=None, help="per-rank fp32 GEMM rate (default: measure)")
@@ -212,6 +215,9 @@ def main(argv=None) -> int:
         return 0
 
     def on_signal(signum, frame):
+        for p in _children:
+            if p.poll() is None:
+                p.terminate()
         teardown(n)
         raise SystemExit(128 + signum)
 

@@ -141,3 +141,15 @@ def test_netns_dry_run_changes_nothing(capsys):
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert [x["factor"] for x in lines] == [1.0, 2.0]
     assert lines[1]["rate_bit_s"] == pytest.approx(2 * lines[0]["rate_bit_s"], rel=1e-6)
+
+
+def test_memory_check_fit_and_prediction():
+    import memory_check
+
+    fit = memory_check.fit_line([1.0, 2.0, 4.0], [3.0, 5.0, 9.0])
+    assert fit["slope"] == pytest.approx(2.0) and fit["intercept"] == pytest.approx(1.0)
+    assert fit["r2"] == pytest.approx(1.0) and fit["max_rel_residual"] == pytest.approx(0.0, abs=1e-12)
+    cfg = bench_strategies.small_config()
+    # costmodel's saved activations per token and layer, at 4 bytes an element, plus fp32 logits and grad.
+    elems = 3 * 256 + (8 + 2 * 4) * 32 + 8 * 32 + 2 * 256 + 3 * 688
+    assert memory_check.predicted_bytes_per_token(cfg) == pytest.approx(2 * (elems * 4 + 4 * 8) + 1024 * 8)
