@@ -9,7 +9,7 @@ TRITON_VERSION := 3.7.1
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv build test pytest lint cuda-check triton-aot smoke demo bench bench-kernels clean
+.PHONY: venv build test pytest lint cuda-check triton-aot smoke demo bench bench-net memory-check bench-kernels clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -42,6 +42,8 @@ pytest: build
 smoke: build
 	$(VPY) benchmarks/bench_kernels.py --smoke --no-plot
 	$(VPY) benchmarks/bench_sp_attention.py --smoke
+	$(VPY) benchmarks/bench_strategies.py --smoke
+	$(VPY) benchmarks/bench_mmsp_sharding.py --smoke
 	$(VPY) benchmarks/projection.py --smoke
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 4 examples/sp_attention.py
 
@@ -51,8 +53,17 @@ test: build lint cuda-check triton-aot pytest smoke
 demo: build
 	$(VPY) -m longvila_engine.cli.demo
 
+# CPU strategies benchmark (4 gloo ranks) and the 256K-2M projection; both print their tables.
 bench: build
+	$(VPY) benchmarks/bench_strategies.py
 	$(VPY) benchmarks/projection.py
+
+# Two emulated nodes (network namespaces + tc-shaped veth); needs root, says SKIPPED otherwise.
+bench-net: build
+	$(VPY) benchmarks/netns.py --factors 4 16 64 -- --model small --seq-lens 2048 --repeats 3 --no-torch
+
+memory-check: build
+	$(VPY) benchmarks/memory_check.py
 
 bench-kernels: build
 	$(VPY) benchmarks/bench_kernels.py
