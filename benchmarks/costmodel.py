@@ -261,12 +261,16 @@ def model_flops(model: Model, seq_len: int, causal_attention: bool = True) -> fl
 def activation_bytes_per_token(model: Model, dtype_bytes: int = 2) -> float:
     """Bytes of activations the engine saves per token and layer (no activation checkpointing).
 
-    Saved for backward: two norm inputs, the QKV input, q/k/v, the attention output and its float32
-    log-sum-exp, the O-projection input, the MLP input, gate and up outputs and their product.
+    What autograd keeps for the backward of one `models.Transformer` layer: both RMSNorm inputs and
+    normalised outputs, q/k/v and the RoPE-rotated q/k, the attention output and its float32
+    log-sum-exp, the O-projection input, the MLP input, the gate and up outputs, silu(gate) and its
+    product with up. Held against measured CPU peaks by benchmarks/memory_check.py.
     """
     h, d = model.hidden, model.head_dim
-    elems = 2 * h + h + (model.heads + 2 * model.kv_heads) * d + model.heads * d + h + h + 3 * model.ffn
-    return elems * dtype_bytes + 4 * model.heads
+    norms = 2 * h + 2 * h
+    attention = h + (model.heads + 2 * model.kv_heads) * d + (model.heads + model.kv_heads) * d + model.heads * d + h
+    mlp = h + 4 * model.ffn
+    return (norms + attention + mlp) * dtype_bytes + 4 * model.heads
 
 
 def memory_per_gpu(model: Model, seq_len: int, gpus: int, dtype_bytes: int = 2, logits_chunk: int = 4096) -> dict:
