@@ -9,7 +9,7 @@ TRITON_VERSION := 3.7.1
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv build test pytest lint cuda-check triton-aot smoke demo bench bench-net memory-check bench-kernels clean
+.PHONY: venv build test pytest lint cuda-check triton-aot smoke demo bench bench-net memory-check niah bench-kernels clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -64,6 +64,15 @@ bench-net: build
 
 memory-check: build
 	$(VPY) benchmarks/memory_check.py
+
+# Long-video needle in a haystack: train a tiny VLM on <=16 frames (1 process), then evaluate 8-128
+# frames with sequence-parallel prefill + generation on 2 gloo ranks; JSON and heatmap PNG.
+niah: build
+	mkdir -p build benchmarks/results
+	OMP_NUM_THREADS=1 $(VPY) -m longvila_engine.eval.niah --train --steps 800 --threads 1 --save build/niah_model.pt
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 2 -m longvila_engine.eval.niah \
+	  --load build/niah_model.pt --ring 2 --threads 1 --lengths 8,16,32,64,128,256 --trials 10 \
+	  --json benchmarks/results/niah.json --png benchmarks/results/niah.png
 
 bench-kernels: build
 	$(VPY) benchmarks/bench_kernels.py

@@ -394,7 +394,22 @@ class Transformer(nn.Module):
         tp = axis_size(self.groups)
         if self.tp_sequence_parallel and S % tp:
             raise ValueError(f"tp_sequence_parallel needs the local length {S} divisible by tp={tp}")
-        h = self.embed(input_ids_local)
+        h = self.decode(self.embed(input_ids_local), positions, cu_seqlens)
+        if labels_local is None:
+            if self.tp_sequence_parallel:
+                h = gather_from_sequence_region(h, self.groups, dim=1, grad_is_partial=False)
+            return h
+        if tuple(labels_local.shape) != (B, S):
+            raise ValueError(f"labels_local shape {tuple(labels_local.shape)} does not match ids {(B, S)}")
+        return self.shard_loss(h, labels_local)
+
+    def decode(self, h: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
+        """Decoder layers and final norm on embedded tokens (the part after the embedding).
+
+        h is (B, S_local, E), or this tp rank's 1/tp slice of it under tp sequence parallelism;
+        positions (B, S_local) are the GLOBAL positions (RoPE). Multimodal models call this with
+        their interleaved text+visual embeddings.
+        """
         rope_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, rope_dtype)
         for layer in self.layers:
@@ -402,15 +417,13 @@ class Transformer(nn.Module):
                 h = checkpoint(layer, h, cos, sin, cu_seqlens, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, cu_seqlens)
-        h = self.norm(h)
-        if labels_local is None:
-            if self.tp_sequence_parallel:
-                h = gather_from_sequence_region(h, self.groups, dim=1, grad_is_partial=False)
-            return h
-        if tuple(labels_local.shape) != (B, S):
-            raise ValueError(f"labels_local shape {tuple(labels_local.shape)} does not match ids {(B, S)}")
+        return self.norm(h)
+
+    def shard_loss(self, hidden: torch.Tensor, labels_local: torch.Tensor) -> torch.Tensor:
+        """DESIGN.md section 6 loss of this shard from `decode`'s output: the chunked vocab-parallel
+        cross-entropy sum over the sp group's supervised-token count."""
         loss_sum, count = vocab_parallel_cross_entropy(
-            h,
+            hidden,
             self.lm_head.weight,
             labels_local,
             self.groups,

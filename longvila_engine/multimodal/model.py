@@ -34,13 +34,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..attention._agree import DTYPE_CODES
 from ..comm.all_to_all import all_to_all_v
-from ..models.loss import sequence_parallel_loss
-from ..models.transformer import Transformer, rope_cos_sin
-from ..tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from ..models.transformer import Transformer
 from ..tensor_parallel.mappings import axis_size, reduce_from_tp_region, scatter_to_sequence_region
 from .sharding import FRAME_SPLITS, MultimodalShardPlan, plan_multimodal_shards, split_frames
 
@@ -311,8 +308,8 @@ class VisionLanguageModel(nn.Module):
     def language_model_hidden(self, h: torch.Tensor, plan: MultimodalShardPlan) -> torch.Tensor:
         """Engine Transformer layers + final norm on the shard h (1, S_local, E) -> (1, S_local, E).
 
-        Mirrors `Transformer.forward` after its embedding (which takes ids, not embeddings); under tp
-        sequence parallelism the output is this tp rank's 1/tp slice of the local sequence.
+        `Transformer.decode` after the tp-sequence scatter; under tp sequence parallelism the output is
+        this tp rank's 1/tp slice of the local sequence.
         """
         lm = self.language_model
         if not _is_engine(lm):
@@ -324,25 +321,14 @@ class VisionLanguageModel(nn.Module):
             if h.shape[1] % tp:
                 raise ValueError(f"tp_sequence_parallel needs the local length {h.shape[1]} divisible by tp={tp}")
             h = scatter_to_sequence_region(h, self.groups, dim=1)
-        rope_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-        cos, sin = rope_cos_sin(positions, lm.config.head_dim, lm.config.rope_theta, rope_dtype)
-        for layer in lm.layers:
-            if lm.activation_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, cu, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, cu)
-        return lm.norm(h)
+        return lm.decode(h, positions, cu)
 
     def shard_loss(self, h: torch.Tensor, plan: MultimodalShardPlan) -> torch.Tensor:
         """The loss (DESIGN.md section 6) of an embedded shard from `embed_shard` and its plan."""
         lm = self.language_model
         labels = plan.labels.to(h.device).unsqueeze(0)
         if _is_engine(lm):
-            hidden = self.language_model_hidden(h, plan)
-            loss_sum, count = vocab_parallel_cross_entropy(
-                hidden, lm.lm_head.weight, labels, self.groups, ignore_index=lm.ignore_index,
-                chunk_size=lm.ce_chunk_size, sequence_parallel=lm.tp_sequence_parallel)
-            return sequence_parallel_loss(loss_sum, count, self.groups)
+            return lm.shard_loss(self.language_model_hidden(h, plan), labels)
         from ..integrations.hf import CU_SEQLENS_KWARG, SCHEME_KWARG
         from ..integrations.hf import sequence_parallel_loss as hf_loss
 
