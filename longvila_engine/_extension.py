@@ -1,7 +1,8 @@
 """Loads the compiled extension lazily and remembers why it failed.
 
 Importing `longvila_engine` never imports the extension: the first call that needs an operator does,
-through `require_extension()`, which raises the stored reason with the fix.
+through `require_extension()`, which raises the stored reason with the fix. Loading it also registers
+the operators' fake (meta) implementations (`longvila_engine.ops._fake`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ def extension_available() -> bool:
     if _state["loaded"] is None:
         try:
             importlib.import_module("longvila_engine._C")
+            # Fakes need the schemas that importing _C registers; registering them once, here, keeps
+            # torch.compile able to trace every operator without a second import hook.
+            importlib.import_module("longvila_engine.ops._fake")
             _state["loaded"] = True
         except Exception as exc:  # keep the reason for require_extension
             _state["loaded"] = False

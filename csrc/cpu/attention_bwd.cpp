@@ -4,10 +4,11 @@
 //
 // Race freedom without atomics: a work item owns its key blocks, so it accumulates dK/dV for them
 // over every head of its GQA group and every query block, and writes them once. dQ rows receive
-// contributions from every key block; items of one (segment, kv head) split the key blocks into C
-// strided chunks, chunk 0 adds into dq itself and chunk c > 0 into its own zero-initialised copy,
-// summed into dq at the end. C is 1 (no copy) whenever segments x kv heads already keep every
-// thread busy, as at B*Hk >= threads. Memory stays O(S*D) per chunk; nothing is O(S^2).
+// contributions from every key block: they accumulate in a contiguous (B, H, Sq, Dp) panel, one per
+// chunk, where items of one (segment, kv head) split its key blocks into C strided chunks; the
+// panels are summed into dq at the end. C is 1 whenever segments x kv heads already spread evenly
+// over the threads (B*Hk = 8 on 2 threads), and only small head counts pay for extra panels.
+// Q and dO are converted once into the same panel layout. Memory is O(S*D); nothing is O(S^2).
 // Not here: the forward (attention_fwd.cpp) and the dtype casts of the Python wrapper.
 //
 // Legend: B batch, S sequence, H query heads, Hk key/value heads, D head dim (Dp: padded to the
@@ -22,10 +23,12 @@ namespace lv {
 namespace cpu {
 namespace {
 
-// Square 64 tiles: the backward keeps ten tiles per thread (K^T, V^T, K, Q, dO, S/P, dP/dS, dQ,
-// dK, dV), which at D = 128 is 320 KiB, inside a 512 KiB L2.
-static const int64_t kBlockQ = std::getenv("LVBQ") ? std::atoi(std::getenv("LVBQ")) : 64;
-static const int64_t kBlockK = std::getenv("LVBK") ? std::atoi(std::getenv("LVBK")) : 64;
+// Square 96 tiles (6 micro-kernel strips of 16 columns, 16 of 6 rows): per thread the key-side
+// tiles K^T, V^T, K, dK, dV and the S/P and dP/dS tiles come to about 310 KiB at D = 128, inside a
+// 512 KiB L2 with room for the streamed Q, dO and dQ panel rows. Measured on 2 cores: 64 and 128
+// were no faster, 48 slower.
+constexpr int64_t kBlockQ = 96;
+constexpr int64_t kBlockK = 96;
 
 struct BwdItem {
   int64_t seg;

@@ -22,8 +22,8 @@ namespace {
 
 // 96 query rows = 16 micro-kernel strips of 6; 128 keys amortise the P*V accumulator traffic.
 // A thread's working set (Q, S, O tiles and one packed K^T/V block) stays within L2 for D <= 128.
-static const int64_t kBlockQ = std::getenv("LVQ") ? std::atoi(std::getenv("LVQ")) : 96;
-static const int64_t kBlockK = std::getenv("LVK") ? std::atoi(std::getenv("LVK")) : 128;
+constexpr int64_t kBlockQ = 96;
+constexpr int64_t kBlockK = 128;
 
 struct FwdItem {
   int64_t seg;

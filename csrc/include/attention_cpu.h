@@ -148,8 +148,8 @@ inline void load_row_pair(bool accumulate, const T* c, Vec<T>& c0, Vec<T>& c1) {
 // larger loop nest (or with an array of accumulators) GCC 12 keeps half of them on the stack and
 // the kernel runs at a third of its speed. The call costs nothing next to 6*K*kPanel FMAs.
 template <typename T, int MR>
-__attribute__((noinline)) void micro_tile(int64_t K, const T* A, int64_t rs_a, int64_t cs_a, const T* B, int64_t ldb, T* C,
-                       int64_t ldc, bool accumulate) {
+__attribute__((noinline)) void micro_tile(int64_t K, const T* A, int64_t rs_a, int64_t cs_a, const T* B,
+                                          int64_t ldb, T* C, int64_t ldc, bool accumulate) {
   static_assert(MR >= 1 && MR <= 6, "register block is at most 6 rows");
   constexpr int W = kWidth<T>;
   Vec<T> c00{}, c01{}, c10{}, c11{}, c20{}, c21{}, c30{}, c31{}, c40{}, c41{}, c50{}, c51{};
@@ -213,7 +213,9 @@ inline Vec<float> exp2v(Vec<float> x) {
   using V = Vec<float>;
   using I = VecI<float>;
   const V lo = splat(-126.0f);
-  x = x > lo ? x : lo;  // one vmaxps
+  const V hi = splat(127.0f);  // never reached by consistent (score, lse); keeps an inconsistent one finite
+  x = x > lo ? x : lo;  // vmaxps
+  x = x < hi ? x : hi;  // vminps
   // Adding 1.5*2^23 rounds x to an integer held in the low mantissa bits (|x| < 2^22).
   const V magic = splat(12582912.0f);
   const V t = x + magic;
