@@ -6,6 +6,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 TRITON_VERSION := 3.7.1
+TRANSFORMERS_VERSION := 5.23.0
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
@@ -13,11 +14,12 @@ export OMP_NUM_THREADS ?= 2
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q --upgrade pip setuptools wheel
+	$(VPY) -m pip install -q --upgrade setuptools wheel
 	# Keep a CUDA torch if one is already there; otherwise the pinned CPU wheel.
 	$(VPY) -c "import torch,sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null || \
 	  $(VPY) -m pip install -q torch==$(TORCH_VERSION)
-	$(VPY) -m pip install -q triton==$(TRITON_VERSION) pytest ruff tqdm numpy matplotlib ninja
+	$(VPY) -m pip install -q triton==$(TRITON_VERSION) transformers==$(TRANSFORMERS_VERSION) pytest ruff tqdm \
+	  numpy matplotlib ninja
 	touch $(STAMP)
 
 venv: $(STAMP)

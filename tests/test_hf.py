@@ -13,11 +13,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import transformers  # (pinned test dependency: transformers==5.23.0, see Makefile)
 from dist_pool import DistPool, groups_for
 
 from longvila_engine import ParallelLayout
-
-transformers = pytest.importorskip("transformers")
 
 WORLD = 4
 LAYOUTS = {

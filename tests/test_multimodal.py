@@ -341,14 +341,12 @@ def test_tensor_parallel_language_model(pool):
 
 
 def test_siglip_vision_tower_float32(pool):
-    pytest.importorskip("transformers")
     # 3 frames on 4 ranks: SigLIP refuses an empty batch, so rank 3 takes P from its peers.
     pool.run(_compare, LAYOUTS["ring2_ulysses2"], [2, "v", 5, "vv", 3], dtype=torch.float32, tower="siglip")
     pool.run(_compare, LAYOUTS["ring2_ulysses2"], SEVEN, dtype=torch.float32, tower="siglip")
 
 
 def test_transformers_language_model(pool):
-    pytest.importorskip("transformers")
     pool.run(_compare, LAYOUTS["ring2_ulysses2"], SEVEN, dtype=torch.float32, lm="hf")
 
 
