@@ -29,7 +29,6 @@ import argparse
 import datetime
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -244,18 +243,6 @@ def run_rank(args):
         print(f"results appended to {results.path}")
 
 
-def _spawned(rank, world, init_file, args):
-    threads = max(1, (os.cpu_count() or 1) // world)
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=300))
-    try:
-        run_rank(args)
-    finally:
-        dist.destroy_process_group()
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes, seconds (CI)")
@@ -274,10 +261,7 @@ def main(argv=None):
         finally:
             dist.destroy_process_group()
         return
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory(prefix="bench_sp_") as tmp:
-        mp.spawn(_spawned, args=(args.world, os.path.join(tmp, "rendezvous"), args), nprocs=args.world)
+    harness.spawn_gloo(run_rank, args, args.world)
 
 
 if __name__ == "__main__":

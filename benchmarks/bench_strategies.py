@@ -44,7 +44,6 @@ import datetime
 import functools
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -466,18 +465,6 @@ def run_rank(args):
     print(f"results appended to {results.path} (run_id {results.run_id}); plot: {png}")
 
 
-def _spawned(rank, world, init_file, args):
-    threads = max(1, (os.cpu_count() or 1) // world)
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=300))
-    try:
-        run_rank(args)
-    finally:
-        dist.destroy_process_group()
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny model, S=512, seconds (CI)")
@@ -513,10 +500,7 @@ def main(argv=None):
         finally:
             dist.destroy_process_group()
     else:
-        import torch.multiprocessing as mp
-
-        with tempfile.TemporaryDirectory(prefix="bench_strategies_") as tmp:
-            mp.spawn(_spawned, args=(args.world, os.path.join(tmp, "rendezvous"), args), nprocs=args.world)
+        harness.spawn_gloo(run_rank, args, args.world)
     if "RANK" not in os.environ or os.environ.get("RANK") == "0":
         print(f"wall time {time.perf_counter() - t0:.1f} s")
 

@@ -533,3 +533,27 @@ def plot_lines(rows: Sequence[dict], *, x: str, y: str, series: Callable[[dict],
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# --- launching ------------------------------------------------------------------------------------
+def _spawned_rank(rank: int, world: int, init_file: str, fn: Callable, args) -> None:
+    import torch.distributed as dist
+
+    threads = max(1, (os.cpu_count() or 1) // world)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
+    try:
+        fn(args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_gloo(fn: Callable, args, world: int) -> None:
+    """Run the module-level `fn(args)` on `world` local gloo ranks (what `--smoke` does without
+    torchrun): one file rendezvous, cores shared evenly, a 300 s timeout on every collective."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="lv_bench_") as tmp:
+        mp.spawn(_spawned_rank, args=(world, os.path.join(tmp, "rendezvous"), fn, args), nprocs=world)
