@@ -20,6 +20,8 @@ def extension_available() -> bool:
     """True when `longvila_engine._C` imported and registered its operators."""
     if _state["loaded"] is None:
         try:
+            # torch first: it loads libc10/libtorch that the extension links against.
+            importlib.import_module("torch")
             importlib.import_module("longvila_engine._C")
             # Fakes need the schemas that importing _C registers; registering them once, here, keeps
             # torch.compile able to trace every operator without a second import hook.
