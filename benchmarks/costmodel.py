@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from longvila_engine.models.config import get_config
 from longvila_engine.ops.flops import attention_flops
 
 
@@ -125,13 +126,15 @@ class Model:
     def params(self) -> int:
         return self.layers * self.params_per_layer + 2 * self.vocab * self.hidden + self.hidden
 
+    @classmethod
+    def from_config(cls, name: str, cfg) -> "Model":
+        """The shapes of an engine `models.ModelConfig`."""
+        return cls(name, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                   cfg.ffn_hidden_size, cfg.vocab_size)
 
-# Published configs (shared/REFERENCE.md, 'Model shapes').
-MODELS = {
-    "llama2_7b": Model("llama2_7b", 32, 4096, 32, 32, 128, 11008, 32000),
-    "llama3_8b": Model("llama3_8b", 32, 4096, 32, 8, 128, 14336, 128256),
-    "qwen2_7b": Model("qwen2_7b", 28, 3584, 28, 4, 128, 18944, 152064),
-}
+
+# The engine's presets of the published configs (shared/REFERENCE.md, 'Model shapes').
+MODELS = {name: Model.from_config(name, get_config(name)) for name in ("llama2_7b", "llama3_8b", "qwen2_7b")}
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,7 @@ def predicted_bytes_per_token(cfg) -> float:
     """costmodel's activation bytes of one token over all layers (fp32), plus its fp32 logits and grad."""
     import costmodel
 
-    m = costmodel.Model("bench", cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                        cfg.ffn_hidden_size, cfg.vocab_size)
+    m = costmodel.Model.from_config("bench", cfg)
     return cfg.num_layers * costmodel.activation_bytes_per_token(m, dtype_bytes=4) + cfg.vocab_size * 4 * 2
 
 
