@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from . import reference
+from . import autoselect, reference  # noqa: F401  (ops.reference stays an attribute)
 from ._validate import acc_dtype, check_backward, check_out_lse, check_qkv
 from .flops import attention_flops, visible_pairs
 
@@ -30,41 +30,94 @@ __all__ = [
     "attention_flops",
     "visible_pairs",
     "acc_dtype",
+    "set_auto_backend",
 ]
 
-BACKENDS = ("reference", "cpu", "triton", "cuda")
+set_auto_backend = autoselect.set_auto_backend
+
+BACKENDS = ("reference", "cpu", "triton", "cuda", "aten")
 _MODULES = {"reference": "longvila_engine.ops.reference", "cpu": "longvila_engine.ops.cpu",
-            "triton": "longvila_engine.ops.triton_backend", "cuda": "longvila_engine.ops.cuda"}
+            "triton": "longvila_engine.ops.triton_backend", "cuda": "longvila_engine.ops.cuda",
+            "aten": "longvila_engine.ops.aten"}
 # Which operations each backend implements.
 _SUPPORTS = {
     "reference": {"forward", "backward", "merge", "zigzag", "varlen"},
     "cpu": {"forward", "backward", "merge", "zigzag", "varlen"},
     "triton": {"forward", "backward"},
     "cuda": {"merge", "zigzag", "varlen"},
+    "aten": {"forward", "backward", "merge", "zigzag", "varlen"},
 }
+_TRITON_FIX = "pip install triton==3.7.1 (the version the Makefile pins)"
 
 
 def _available(name: str, device: torch.device) -> bool:
     from .._extension import cuda_kernels_available, extension_available
 
-    if name == "reference":
+    if name in ("reference", "aten"):
         return True
     if name == "cpu":
         return device.type == "cpu" and extension_available()
     if name == "cuda":
         return device.type == "cuda" and cuda_kernels_available()
     if name == "triton":
-        if device.type != "cuda":
-            import os
-
-            if os.environ.get("TRITON_INTERPRET") != "1":
-                return False
-        try:
-            importlib.import_module("triton")
-            return True
-        except ImportError:
-            return False
+        return _triton_problem(device) is None
     return False
+
+
+def _triton_problem(device: torch.device) -> str | None:
+    """Why the triton backend cannot run tensors on `device` in this process, or None."""
+    import os
+
+    interpret_env = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not interpret_env:
+        return f"triton runs CPU tensors only in its interpreter (TRITON_INTERPRET=1), tensors are on {device}"
+    try:
+        importlib.import_module("triton")
+    except ImportError as e:
+        return f"triton is not importable ({e}); fix: {_TRITON_FIX}"
+    if device.type == "cuda":
+        from ..kernels.triton.attention_fwd import process_interprets
+
+        if interpret_env or process_interprets():
+            return ("TRITON_INTERPRET=1 would run CUDA tensors in Triton's CPU interpreter; unset it "
+                    "before python starts")
+    return None
+
+
+def _auto_candidates(op: str, device: torch.device, dtype=None, varlen=False) -> list[str]:
+    """Backends `auto` may pick, default first. Never `reference`: for CUDA tensors that would be a
+    silent O(S^2) fallback; on CPU `aten` is always there."""
+    if op not in ("forward", "backward"):
+        first = "cuda" if device.type == "cuda" else "cpu"
+        return [first] if _available(first, device) else ["aten"]
+    if device.type == "cuda":
+        found = ["triton"] if _available("triton", device) else []
+        if dtype in (torch.float16, torch.bfloat16, torch.float32) and not varlen:
+            found.append("aten")
+        if not found:
+            why = [_triton_problem(device) or "triton cannot take this input"]
+            if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                why.append(f"{dtype} needs backend='reference', passed explicitly (it materialises the scores)")
+            if varlen:
+                why.append("aten takes no cu_seqlens on CUDA")
+            raise ValueError(f"backend='auto' has no attention kernel for these {device} tensors: " + "; ".join(why))
+        return found
+    found = ["cpu"] if _available("cpu", device) else []
+    # aten rounds 16-bit block results and gradients to the input dtype; cpu keeps float32, so on CPU
+    # aten competes only where both are exact to the accumulator (fp32, fp64), or when cpu is missing.
+    if not found or dtype in (torch.float32, torch.float64):
+        found.append("aten")
+    return found
+
+
+def _attention_backend(name: str, op: str, q, k, causal: bool, varlen: bool, resume: bool, run):
+    """The backend module for one attention call; `run(name)` runs it into scratch outputs (auto only)."""
+    if name != "auto":
+        return _backend(name, op, q.device)
+    candidates = _auto_candidates(op, q.device, q.dtype, varlen)
+    key = autoselect.shape_class(op, q, k, causal, varlen, resume)
+    chosen = autoselect.choose(candidates, key, q, lambda cand: run(importlib.import_module(_MODULES[cand])))
+    return importlib.import_module(_MODULES[chosen])
 
 
 def available_backends(device="cpu") -> list[str]:
@@ -75,14 +128,7 @@ def available_backends(device="cpu") -> list[str]:
 
 def _backend(name: str, op: str, device: torch.device):
     if name == "auto":
-        if device.type == "cuda":
-            order = ("cuda", "triton", "reference")
-        else:
-            order = ("cpu", "reference")
-        for cand in order:
-            if op in _SUPPORTS[cand] and _available(cand, device):
-                return importlib.import_module(_MODULES[cand])
-        return reference
+        return importlib.import_module(_MODULES[_auto_candidates(op, device)[0]])
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r} is unknown; choose one of {('auto',) + BACKENDS}")
     if op not in _SUPPORTS[name]:
@@ -92,6 +138,8 @@ def _backend(name: str, op: str, device: torch.device):
         from .._extension import require_extension
 
         require_extension()
+    if name == "triton" and _triton_problem(device) is not None:
+        raise ValueError(f"backend='triton' cannot run tensors on {device}: {_triton_problem(device)}")
     if not _available(name, device):
         raise ValueError(f"backend={name!r} is not available for tensors on {device}; available: "
                          f"{available_backends(device)}")
@@ -120,8 +168,16 @@ def block_attention(q, k, v, *, causal, softmax_scale=None, out=None, lse=None, 
     """
     check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k)
     check_out_lse(q, out, lse)
-    be = _backend(backend, "forward", q.device)
     scale = _scale(softmax_scale, q.shape[-1])
+    resume, varlen = out is not None, cu_seqlens_q is not None
+
+    def run(mod):  # one scratch run, for auto's one-time measurement
+        acc = acc_dtype(q.dtype)
+        o = out.clone() if resume else torch.empty(q.shape, dtype=acc, device=q.device)
+        s = lse.clone() if resume else torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=acc, device=q.device)
+        mod.forward(q, k, v, o, s, cu_seqlens_q, cu_seqlens_k, scale, bool(causal), resume)
+
+    be = _attention_backend(backend, "forward", q, k, causal, varlen, resume, run)
     if out is not None:
         be.forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, scale, bool(causal), True)
         return out, lse
@@ -142,8 +198,15 @@ def block_attention_backward(dout, q, k, v, out, lse, *, causal, softmax_scale=N
     """
     check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k)
     check_backward(dout, q, out, lse)
-    be = _backend(backend, "backward", q.device)
     acc = acc_dtype(q.dtype)
+    scale = _scale(softmax_scale, q.shape[-1])
+
+    def run(mod):  # one scratch run, for auto's one-time measurement
+        grads = [torch.empty(t.shape, dtype=acc, device=q.device) for t in (q, k, v)]
+        mod.backward(dout.contiguous(), q, k, v, out.contiguous(), lse.to(acc).contiguous(), *grads, cu_seqlens_q,
+                     cu_seqlens_k, scale, bool(causal), False)
+
+    be = _attention_backend(backend, "backward", q, k, causal, cu_seqlens_q is not None, dq is not None, run)
     given = (dq is not None, dk is not None, dv is not None)
     if any(given) and not all(given):
         raise ValueError("dq, dk and dv must be given together (to accumulate into) or not at all")
@@ -158,7 +221,7 @@ def block_attention_backward(dout, q, k, v, out, lse, *, causal, softmax_scale=N
         dk = torch.empty(k.shape, dtype=acc, device=q.device)
         dv = torch.empty(v.shape, dtype=acc, device=q.device)
     be.backward(dout.contiguous(), q, k, v, out.contiguous(), lse.to(acc).contiguous(), dq, dk, dv,
-                cu_seqlens_q, cu_seqlens_k, _scale(softmax_scale, q.shape[-1]), bool(causal), accumulate)
+                cu_seqlens_q, cu_seqlens_k, scale, bool(causal), accumulate)
     return dq, dk, dv
 
 
@@ -219,4 +282,11 @@ def varlen_index(cu_seqlens, total, *, backend="auto"):
     return be.varlen_index(cu_seqlens.contiguous(), int(total))
 
 
-from .flash import flash_attention  # noqa: E402  (needs the functions above)
+def __getattr__(name):
+    # flash_attention is built on the functions above; loading it on first use keeps the import one-way
+    # (ops/flash.py imports this package, never the reverse).
+    if name == "flash_attention":
+        from .flash import flash_attention
+
+        return flash_attention
+    raise AttributeError(f"module 'longvila_engine.ops' has no attribute {name!r}")
