@@ -1,10 +1,14 @@
-"""A pool of real gloo processes, spawned once per test module and reused by many cases.
+"""Pools of real gloo processes, spawned once per test session and world size, reused by many cases.
 
 `DistPool(world_size)` starts `world_size` processes that join one gloo group through a file store
 (with a timeout on every collective). `pool.run(fn, *args)` runs the module-level function
 `fn(*args)` on every rank and returns the per-rank results. If any rank raises, or the call outlives
 its deadline, every rank is killed (ranks blocked in a collective would otherwise hang) and the pool
 restarts on the next call; the failing ranks' tracebacks are raised in the test process.
+
+`DistPools` keeps one `DistPool` per world size; tests/conftest.py holds one for the whole session
+and hands it to tests as the `pool` fixture (world size: the test module's `POOL_WORLD_SIZE`, default
+4) or the `dist_pools` fixture (`dist_pools.get(8)`). Test modules do not start pools themselves.
 
 Inside `fn`, `dist.get_rank()` works, and `groups_for(layout)` returns cached ParallelGroups.
 No mocks: these are real process groups.
@@ -129,3 +133,32 @@ class DistPool:
         self.procs, self.conns = [], []
         if hasattr(self, "_dir"):
             self._dir.cleanup()
+
+
+class DistPools:
+    """One DistPool per world size, started on first use and closed together by `close()`.
+
+    Sharing a pool across test modules saves each module its own spawn (a few seconds per rank on 2
+    cores); a pool that failed restarts on its next use, so one failing module does not poison the next.
+    """
+
+    def __init__(self, threads: int = 1, timeout: float = 240.0):
+        self.threads = threads
+        self.timeout = timeout
+        self._pools: dict[int, DistPool] = {}
+
+    def get(self, world_size: int) -> DistPool:
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if world_size not in self._pools:
+            self._pools[world_size] = DistPool(world_size, threads=self.threads, timeout=self.timeout)
+        return self._pools[world_size]
+
+    def world_sizes(self) -> list[int]:
+        """World sizes whose pool has live ranks now."""
+        return sorted(w for w, p in self._pools.items() if p.procs)
+
+    def close(self):
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()

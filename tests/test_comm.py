@@ -8,20 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from dist_pool import DistPool, groups_for
+from dist_pool import groups_for
 
 from longvila_engine import ParallelLayout
 from longvila_engine.comm.all_to_all import all_to_all_v, head_to_seq_all_to_all, seq_to_head_all_to_all
 
 # Ulysses groups of 4, of 2 inside dp=2, and of 2 inside a 2x2 sp group.
 A2A_LAYOUTS = [ParallelLayout(ulysses=4), ParallelLayout(dp=2, ulysses=2), ParallelLayout(ring=2, ulysses=2)]
-
-
-@pytest.fixture(scope="module")
-def pool():
-    p = DistPool(4)
-    yield p
-    p.close()
 
 
 def _randn(seed, *shape, dtype=torch.float64):

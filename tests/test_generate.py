@@ -8,20 +8,13 @@ same output, and the KV cache spread over the ranks (round-robin appends).
 import pytest
 import torch
 import torch.nn.functional as F
-from dist_pool import DistPool, groups_for
+from dist_pool import groups_for
 from test_multimodal import IMG, LAYOUTS, SEVEN, _build, _sample
 
 from longvila_engine.inference import generate
 
 F64 = {"rtol": 1e-10, "atol": 1e-10}
 NEW = 6
-
-
-@pytest.fixture(scope="module")
-def pool():
-    p = DistPool(4)
-    yield p
-    p.close()
 
 
 def _greedy_reference(model, ids, frames, n):

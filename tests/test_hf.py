@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import transformers  # (pinned test dependency: transformers==5.23.0, see Makefile)
-from dist_pool import DistPool, groups_for
+from dist_pool import groups_for
 
 from longvila_engine import ParallelLayout
 
@@ -31,11 +31,7 @@ BACKEND = "reference"
 VOCAB = 128
 
 
-@pytest.fixture(scope="module")
-def pool():
-    p = DistPool(WORLD)
-    yield p
-    p.close()
+POOL_WORLD_SIZE = WORLD  # the session pool of this size (tests/conftest.py)
 
 
 def _model(name, seed=0, **overrides):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.distributed as dist
-from dist_pool import DistPool, groups_for
+from dist_pool import groups_for
 
 from longvila_engine import ParallelLayout
 
@@ -65,13 +65,6 @@ def _mismatched_layout():
 
     layout = ParallelLayout(ring=4) if dist.get_rank() else ParallelLayout(ulysses=4)
     init_parallel(layout, timeout=20)
-
-
-@pytest.fixture(scope="module")
-def pool():
-    p = DistPool(4)
-    yield p
-    p.close()
 
 
 def test_groups_on_four_ranks(pool):

@@ -9,7 +9,7 @@ gradients, sliced along `tp_dim` for tp-sharded parameters. float64, 1e-10.
 import pytest
 import torch
 import torch.distributed as dist
-from dist_pool import DistPool, groups_for
+from dist_pool import groups_for
 
 from longvila_engine import ParallelLayout
 from longvila_engine.models import PRESETS, Transformer, get_config, local_batch, shift_labels
@@ -87,13 +87,6 @@ LAYOUTS = {
     "ring2_tp2": ParallelLayout(ring=2, tp=2),
     "ulysses2_tp2": ParallelLayout(ulysses=2, tp=2),
 }
-
-
-@pytest.fixture(scope="module")
-def pool():
-    p = DistPool(4)
-    yield p
-    p.close()
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from dist_pool import DistPool, groups_for
+from dist_pool import groups_for
 
 from longvila_engine import ParallelLayout
 from longvila_engine.attention.sharding import shard_positions
@@ -43,13 +43,6 @@ LAYOUTS = {
 }
 # Text runs (ints) and frames ("v" per frame): 7 frames, text before, between and after them.
 SEVEN = [3, "vv", 2, "v", 4, "vvv", 1, "v", 2]
-
-
-@pytest.fixture(scope="module")
-def pool():
-    p = DistPool(4)
-    yield p
-    p.close()
 
 
 # --- models and samples ----------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from dist_pool import DistPool, groups_for
+from dist_pool import groups_for
 
 from longvila_engine import ParallelLayout
 from longvila_engine.eval import niah
@@ -16,11 +16,7 @@ from longvila_engine.eval import niah
 LENGTHS, DEPTHS, TRIALS = [4, 9], [0.0, 1.0], 2  # 9 frames over 2 ranks: an uneven frame split
 
 
-@pytest.fixture(scope="module")
-def pool():
-    p = DistPool(2)
-    yield p
-    p.close()
+POOL_WORLD_SIZE = 2  # the session pool of this size (tests/conftest.py)
 
 
 def test_haystack_is_deterministic_and_smooth():

@@ -12,7 +12,7 @@ from functools import partial
 import pytest
 import torch
 import torch.distributed as dist
-from dist_pool import DistPool, groups_for
+from dist_pool import groups_for
 
 from longvila_engine import ParallelLayout
 from longvila_engine.ops import available_backends, flash_attention, visible_pairs
@@ -21,11 +21,7 @@ WORLD = 4
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4)}  # (forward, gradients)
 
 
-@pytest.fixture(scope="module")
-def pool():
-    p = DistPool(WORLD)
-    yield p
-    p.close()
+POOL_WORLD_SIZE = WORLD  # the session pool of this size (tests/conftest.py)
 
 
 # --- helpers that run inside the ranks ---------------------------------------------------------------

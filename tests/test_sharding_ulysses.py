@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from dist_pool import DistPool, groups_for
+from dist_pool import groups_for
 
 from longvila_engine import ParallelLayout
 from longvila_engine.attention.sharding import (
@@ -25,13 +25,6 @@ from longvila_engine.attention.ulysses import ulysses_attention, ulysses_sizes_f
 from longvila_engine.ops import flash_attention, zigzag_permute
 
 SCHEMES = ["zigzag", "contiguous"]
-
-
-@pytest.fixture(scope="module")
-def pool():
-    p = DistPool(4)
-    yield p
-    p.close()
 
 
 def _fake_groups(R, U, r=0, u=0):

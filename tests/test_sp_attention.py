@@ -10,7 +10,7 @@ from functools import partial
 import pytest
 import torch
 import torch.distributed as dist
-from dist_pool import DistPool, groups_for
+from dist_pool import groups_for
 from test_ring_attention import check_results, run_case
 
 from longvila_engine import ParallelLayout
@@ -62,13 +62,6 @@ def ring_kv_scale(ulysses_size):
     return lambda case: ulysses_size * max(case["H_kv"] // ulysses_size, 1) // case["H_kv"]
 
 
-@pytest.fixture(scope="module")
-def pool():
-    p = DistPool(4)
-    yield p
-    p.close()
-
-
 LAYOUTS = {
     "ulysses4": (ParallelLayout(ulysses=4), ROWS_U4),
     "ulysses2_dp2": (ParallelLayout(ulysses=2, dp=2), ROWS_2D),
@@ -98,8 +91,8 @@ def test_cpu_backend_2d(pool):
     check_results(cases, results, "ring", 2, kv_scale=ring_kv_scale(2))
 
 
-def test_ring4_ulysses2_on_8_ranks():
-    pool8 = DistPool(8)
+def test_ring4_ulysses2_on_8_ranks(dist_pools):
+    pool8 = dist_pools.get(8)
     try:
         layout = ParallelLayout(ring=4, ulysses=2)
         cases = cases_for([ROWS_2D[0], ROWS_2D[1], ROWS_2D[2]])
@@ -107,7 +100,7 @@ def test_ring4_ulysses2_on_8_ranks():
             results = pool8.run(_sp_cases, layout, algorithm, cases)
             check_results(cases, results, algorithm, 4, kv_scale=ring_kv_scale(2))
     finally:
-        pool8.close()
+        pool8.close()  # 8 idle ranks would hold memory for the rest of the session
 
 
 def _sp_bad_input(kind):

@@ -8,7 +8,7 @@ gradients against the dense result: float64, 1e-10.
 import pytest
 import torch
 import torch.nn.functional as F
-from dist_pool import DistPool, groups_for
+from dist_pool import groups_for
 
 from longvila_engine import ParallelLayout
 from longvila_engine.tensor_parallel import (
@@ -187,13 +187,6 @@ def _mappings_case(tp):
     y.backward(torch.ones_like(y))
     checks["ag/rs"] = y.shape[1] == 4 * p and torch.equal(x.grad, torch.full_like(x, float(p)))
     return checks
-
-
-@pytest.fixture(scope="module")
-def pool():
-    p = DistPool(4)
-    yield p
-    p.close()
 
 
 @pytest.mark.parametrize("tp", [2, 4])
