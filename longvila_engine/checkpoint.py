@@ -57,7 +57,7 @@ def _wrap(local: torch.Tensor, param, groups):
     )
 
 
-def _ensure_adam_state(optimizer: torch.optim.Optimizer) -> None:
+def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Create zero AdamW state (as its first step would) so a checkpoint can be loaded into it."""
     for group in optimizer.param_groups:
         on_device = group.get("fused") or group.get("capturable")
@@ -78,7 +78,7 @@ def checkpoint_state(
     """
     state = {"trainer/step": torch.tensor(int(step), dtype=torch.int64)}
     if optimizer is not None:
-        _ensure_adam_state(optimizer)
+        ensure_optimizer_state(optimizer)
     for name, p in model.named_parameters():
         state[f"model/{name}"] = _wrap(p.detach(), p, groups)
         if optimizer is None:

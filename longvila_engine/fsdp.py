@@ -1,0 +1,143 @@
+"""Parameter, gradient and optimizer-state sharding with PyTorch FSDP2 over the `dp_sp` ranks.
+
+`shard_model(model, groups)` applies `torch.distributed.fsdp.fully_shard` to every TransformerBlock
+and then to the root (embedding, final norm, output head), over a 1-D DeviceMesh made from the
+engine's own `dp_sp` process group. Tensor parallelism stays the engine's: each tp rank's local slice
+(plain tensors, `tp_dim` / `tp_full_shape` metadata) is what FSDP shards, dim 0, over dp_sp. The tp
+metadata is copied onto the sharded parameters, so clipping and checkpoints still know which
+parameters are tp shards.
+
+| unit's parameters | forward | backward |
+|---|---|---|
+| gathered | all-gather over dp_sp | all-gather again if resharded after forward |
+| gradients | - | reduce-scatter over dp_sp, divided by dp |
+
+Gradient semantics (DESIGN.md section 6): a replica's loss is the SUM of its sp ranks' losses and
+replicas average, so the gradient is sum over dp_sp divided by dp. FSDP2 divides by the mesh size
+(dp*sp) by default; `set_gradient_divide_factor(dp)` makes it divide by dp instead.
+
+Mixed precision: `mixed_precision_policy(torch.bfloat16)` computes in bf16 with float32 master
+weights (the sharded parameters and the optimizer state stay float32) and float32 gradient
+reduction; float32 runs use no policy at all, so CPU runs are exact.
+
+Not here: the optimizer (`train.py`), checkpoints of sharded state (`checkpoint.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "dp_sp_mesh",
+    "mixed_precision_policy",
+    "shard_model",
+    "is_sharded",
+    "local_tensor",
+    "state_bytes",
+    "format_state_bytes",
+]
+
+_MESHES: dict = {}
+_TP_ATTRS = ("tp_dim", "tp_full_shape", "init_std")
+
+
+def dp_sp_mesh(groups):
+    """The 1-D DeviceMesh over this rank's dp_sp group (built once per groups object)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    key = id(groups)
+    if key not in _MESHES:
+        _MESHES[key] = DeviceMesh.from_group(groups.dp_sp, groups.device.type)
+    return _MESHES[key]
+
+
+def mixed_precision_policy(compute_dtype: torch.dtype | None):
+    """FSDP2 policy: `compute_dtype` parameters in forward/backward, float32 gradient reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if compute_dtype is None or compute_dtype == torch.float32:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+
+
+def shard_model(
+    model: torch.nn.Module,
+    groups,
+    *,
+    reshard_after_forward: bool = True,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.nn.Module:
+    """FSDP2-shard `model` (an engine `Transformer`, or any module with `.layers`) over dp_sp, in place.
+
+    Every rank of the job calls it (the mesh and the shards are collective state). Returns the model,
+    whose class is now also an `FSDPModule`.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if groups is None or not dist.is_initialized():
+        raise ValueError("shard_model needs initialised process groups (groups=None is one process)")
+    if not isinstance(reshard_after_forward, bool):
+        raise ValueError(f"reshard_after_forward must be True or False, got {reshard_after_forward!r}")
+    meta = {
+        name: {a: getattr(p, a) for a in _TP_ATTRS if hasattr(p, a)} for name, p in model.named_parameters()
+    }
+    mesh = dp_sp_mesh(groups)
+    policy = mixed_precision_policy(compute_dtype)
+    units = list(getattr(model, "layers", []))
+    for block in units:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    # The root's forward ends the step: resharding it after forward would only re-gather it for backward.
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
+    for unit in [*units, model]:
+        unit.set_gradient_divide_factor(float(groups.dp_size))
+        if groups.backend != "nccl":  # gloo has no PREMUL_SUM: plain sums, then FSDP scales
+            unit.set_force_sum_reduction_for_comms(True)
+    for name, p in model.named_parameters():
+        for attr, value in meta[name].items():
+            setattr(p, attr, value)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when `model` was sharded by FSDP2 (its parameters are DTensors over dp_sp)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's data of a parameter, gradient or optimizer tensor (the DTensor's local shard)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Bytes this rank holds in parameters, gradients and optimizer state, measured from the tensors.
+
+    Gradients that do not exist yet are counted at the parameter's size and dtype (they will after the
+    first backward), so the figure is the steady state, printable before step 1.
+    """
+    params = grads = optim = 0
+    for p in model.parameters():
+        local = local_tensor(p)
+        params += local.numel() * local.element_size()
+        g = local_tensor(p.grad) if p.grad is not None else local
+        grads += g.numel() * g.element_size()
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    local = local_tensor(value)
+                    optim += local.numel() * local.element_size()
+    return {"params": params, "grads": grads, "optimizer": optim}
+
+
+def format_state_bytes(counts: dict, rank: int, sharded: bool) -> str:
+    """One start-up line: params / grads / optimizer GiB on this rank."""
+    gib = {k: v / 2**30 for k, v in counts.items()}
+    how = "FSDP2-sharded over dp_sp" if sharded else "replicated over dp_sp"
+    return (
+        f"[rank {rank}] per-rank state ({how}): params {gib['params']:.4f} GiB / grads {gib['grads']:.4f} GiB "
+        f"/ optimizer {gib['optimizer']:.4f} GiB (bytes {counts['params']} / {counts['grads']} / "
+        f"{counts['optimizer']})"
+    )
