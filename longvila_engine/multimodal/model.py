@@ -329,11 +329,12 @@ class VisionLanguageModel(nn.Module):
         labels = plan.labels.to(h.device).unsqueeze(0)
         if _is_engine(lm):
             return lm.shard_loss(self.language_model_hidden(h, plan), labels)
-        from ..integrations.hf import CU_SEQLENS_KWARG, SCHEME_KWARG
+        from ..integrations.hf import ATTN_IMPLEMENTATION, CU_SEQLENS_KWARG, SCHEME_KWARG
         from ..integrations.hf import sequence_parallel_loss as hf_loss
 
         kwargs = {"inputs_embeds": h, "position_ids": plan.positions.to(h.device).unsqueeze(0), "use_cache": False}
-        if self.sp_size > 1:
+        # An SP-enabled model on a one-rank sp group (the trainer's 1-process run) keeps packed boundaries too.
+        if self.sp_size > 1 or getattr(lm.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
             kwargs[SCHEME_KWARG] = self.scheme
             if plan.cu_seqlens is not None:
                 kwargs[CU_SEQLENS_KWARG] = plan.cu_seqlens.to(h.device)
