@@ -422,6 +422,13 @@ def _exit_on_sigterm(progress):
 
 
 def main(argv=None) -> int:
+    from .train_vlm import split_task
+
+    task, argv = split_task(argv)  # --task vlm: the video-text trainer (train_vlm.py)
+    if task == "vlm":
+        from .train_vlm import main as vlm_main
+
+        return vlm_main(argv)
     progress: dict = {}
     _exit_on_sigterm(progress)
     try:
