@@ -114,8 +114,10 @@ def _forward_dense(q, k, v, scale, causal):
                                                         scale=scale)
     o, lse = res[0], res[1]
     b = q.shape[0]
-    # efficient pads lse rows to a multiple of 32, cuDNN returns (B, H, S, 1): cut to (B, H, S).
-    return _bhsd(o), lse.reshape(b, num_heads, -1)[:, :, :seqlen_q]
+    # efficient pads lse rows to a multiple of 32, cuDNN returns (B, H, S, 1): cut to (B, H, S). (Only
+    # when needed: slicing a fake CUDA tensor fails on a CPU-only torch, and the dry run traces this.)
+    lse = lse.reshape(b, num_heads, -1)
+    return _bhsd(o), lse if lse.shape[-1] == seqlen_q else lse[:, :, :seqlen_q]
 
 
 def _backward_dense(dout, q, k, v, out, lse, scale, causal):
@@ -186,6 +188,11 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, so
     lse = torch.where(lse == float("-inf"), float("inf"), lse)
     dout = dout.to(q.dtype)
     out = out.to(q.dtype)
+    if cu_seqlens_q is None and q.shape[1] > 0 and k.shape[1] > 0:
+        grads = _backward_dense(dout, q, k, v, out, lse, softmax_scale, causal)
+        for dst, src in zip((dq, dk, dv), grads):
+            dst.add_(src) if accumulate else dst.copy_(src)
+        return
     if not accumulate:
         for t in (dq, dk, dv):
             t.zero_()

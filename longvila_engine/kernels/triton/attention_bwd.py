@@ -20,6 +20,8 @@ Legend: B batch, S sequence, H query heads, H_kv key/value heads, D head dim.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -28,6 +30,7 @@ from .attention_fwd import (
     LOG2E,
     block_d,
     compiled_form,
+    device_guard,
     dot_options,
     nonempty,
     runner,
@@ -295,8 +298,31 @@ def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_
                   accumulate):
     """Launch the three backward kernels; writes (or adds to, with `accumulate`) dq, dk, dv in place.
 
-    dout/out (B,S_q,H,D) any float dtype, lse (B,H,S_q) float32, dq/dk/dv contiguous float32.
+    dout/out (B,S_q,H,D) any float dtype, lse (B,H,S_q) float32, dq/dk/dv contiguous float32. Goes
+    through the custom operator `longvila_engine::triton_attn_bwd` (with a fake, for FakeTensorMode).
     """
+    triton_attn_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, float(softmax_scale),
+                    bool(causal), bool(accumulate))
+
+
+@torch.library.custom_op("longvila_engine::triton_attn_bwd", mutates_args=("dq", "dk", "dv"))
+def triton_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    lse: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+                    cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], softmax_scale: float,
+                    causal: bool, accumulate: bool) -> None:
+    with device_guard(q.device):
+        _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal,
+                    accumulate)
+
+
+@triton_attn_bwd.register_fake
+def _triton_attn_bwd_fake(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal,
+                          accumulate):
+    return None  # writes dq/dk/dv in place
+
+
+def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal,
+                accumulate):
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     dout, out, lse = dout.contiguous(), out.contiguous(), lse.contiguous()
     batch, seqlen_q, num_heads, head_dim = q.shape

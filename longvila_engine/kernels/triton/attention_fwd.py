@@ -21,6 +21,9 @@ Legend: B batch, S sequence, H query heads, H_kv key/value heads, D head dim.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -50,8 +53,15 @@ def process_interprets() -> bool:
 
 
 def runs_interpreted(device: torch.device) -> bool:
-    """Whether kernels for tensors on `device` run in Triton's interpreter (always, once triton was
-    imported interpreting, CUDA tensors included: the interpreter copies them to the host and back)."""
+    """Whether kernels for tensors on `device` run in Triton's interpreter: CPU tensors only, and only
+    when triton was imported interpreting. CUDA tensors are refused in an interpreting process (the
+    interpreter would copy them to the host and run every tile op in Python: a silent 1000x slowdown)."""
+    if device.type == "cuda":
+        if process_interprets():
+            raise RuntimeError(
+                "triton was imported with TRITON_INTERPRET=1 in this process, so its kernels can only be "
+                "interpreted on the CPU; refusing CUDA tensors. Unset TRITON_INTERPRET before python starts")
+        return False
     if process_interprets():
         return True
     if device.type != "cuda":
@@ -78,6 +88,11 @@ def runner(kernel, device: torch.device):
     if key not in _TWINS:
         _TWINS[key] = InterpretedFunction(kernel.fn) if interpret else JITFunction(kernel.fn)
     return _TWINS[key]
+
+
+def device_guard(device: torch.device):
+    """Launch context: kernels for CUDA tensors run on those tensors' device, not the current one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def compiled_form(kernel) -> JITFunction:
@@ -276,8 +291,27 @@ def attention_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, 
     """Launch the forward kernel; writes out (B,S_q,H,D) float32 and lse (B,H,S_q) float32 in place.
 
     With resume=True the block is merged into the (out, lse) already there. q/k/v may be strided
-    views; their last dim must be contiguous or they are copied.
+    views; their last dim must be contiguous or they are copied. Goes through the custom operator
+    `longvila_engine::triton_attn_fwd`, so FakeTensorMode and torch.compile see it (its fake does nothing).
     """
+    triton_attn_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, float(softmax_scale), bool(causal),
+                    bool(resume))
+
+
+@torch.library.custom_op("longvila_engine::triton_attn_fwd", mutates_args=("out", "lse"))
+def triton_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                    cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], softmax_scale: float,
+                    causal: bool, resume: bool) -> None:
+    with device_guard(q.device):
+        _launch_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, resume)
+
+
+@triton_attn_fwd.register_fake
+def _triton_attn_fwd_fake(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, resume):
+    return None  # writes out/lse in place: no new tensor, nothing to compute
+
+
+def _launch_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, resume):
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_kv_heads = k.shape[1], k.shape[2]
