@@ -20,8 +20,8 @@ Launch:
     python benchmarks/bench_sp_attention.py --smoke      # no torchrun: spawns --world gloo ranks itself
 On GPUs (NCCL) each rank uses cuda:LOCAL_RANK; there wait times only measure the host side of an
 asynchronous wait, so the wait/compute split is a CPU (gloo) figure.
-When `--backend auto` would pick a kernel backend that cannot run here (e.g. a C++ extension built
-without its backward), the script says so and falls back to `reference`.
+A backend that cannot run a tiny forward+backward here stops the script with the reason: no silent
+fallback to `reference` (its O(S^2) scores would be measured under the requested name).
 """
 from __future__ import annotations
 
@@ -62,17 +62,17 @@ def layouts(world: int):
 
 
 def usable_backend(requested: str, device) -> tuple[str, str | None]:
-    """`requested`, or 'reference' with the reason when a tiny forward+backward fails on it."""
-    from longvila_engine.ops import block_attention, block_attention_backward
+    """(`requested`, None) once a tiny forward+backward ran on it; raises with the reason otherwise."""
+    from longvila_engine.ops import available_backends, block_attention, block_attention_backward
 
     q = torch.randn(1, 4, 2, 8, device=device)
     try:
         out, lse = block_attention(q, q, q, causal=True, backend=requested)
         block_attention_backward(q, q, q, q, out, lse, causal=True, backend=requested)
-        return requested, None
-    except Exception as e:  # report and measure the rest, like bench_kernels.py
-        first = (str(e).strip().splitlines() or [""])[0].split(". This could be because")[0]
-        return "reference", f"backend={requested!r} failed a tiny fwd+bwd ({type(e).__name__}: {first[:160]})"
+    except Exception as e:
+        raise RuntimeError(f"backend={requested!r} cannot run a tiny forward+backward on {device} ({e}); pass "
+                           f"--backend with one of {available_backends(device)}") from e
+    return requested, None
 
 
 # --- compute-only twins: the same kernels on the same shapes, no communication ----------------------
@@ -218,7 +218,7 @@ def run_rank(args):
     size = dict(SIZES["smoke" if args.smoke else "full"])
     if args.seq_len:
         size["seq_len"] = args.seq_len
-    backend, why = usable_backend(args.backend, device)
+    backend, _ = usable_backend(args.backend, device)
     results = harness.ResultsFile(NAME, results_dir=args.results_dir, device=device) if rank == 0 else None
     rows = []
     for name, layout, algorithm in layouts(world):
@@ -229,8 +229,6 @@ def run_rank(args):
         if rank == 0:
             rows.append(report(name, layout, algorithm, size, backend, per_rank, results))
     if rank == 0:
-        if why:
-            print(f"note: {why}; measured with backend='reference'")
         title = (f"sequence-parallel attention, fwd+bwd, causal zigzag: S={size['seq_len']} "
                  f"H={size['num_heads']} H_kv={size['num_kv_heads']} D={size['head_dim']} on {world} "
                  f"{device.type} ranks, backend={backend}")

@@ -372,7 +372,7 @@ def run_rank(args):
     cfg = model_config(size["model"])
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     size["dtype"] = str(dtype).replace("torch.", "")
-    backend, why = usable_backend(args.backend, device)
+    backend, _ = usable_backend(args.backend, device)
     results = harness.ResultsFile(NAME, results_dir=args.results_dir, device=device) if rank == 0 else None
     rows, skipped = [], []
     plan = strategy_layouts(world, gpus_per_node, cfg.num_heads, cfg.num_kv_heads)
@@ -437,8 +437,6 @@ def run_rank(args):
     add_ratios(rows)
     for r in rows:
         results.append(r)
-    if why:
-        print(f"note: {why}; measured with backend='reference'")
     title = (f"parallel strategies: model={size['model']} world={world} gpus_per_node={gpus_per_node} "
              f"{device.type} ranks, {size['dtype']}, backend={backend}, causal, fwd+bwd"
              + (f", tag={args.tag}" if args.tag else ""))
