@@ -91,12 +91,13 @@ def _auto_candidates(op: str, device: torch.device, dtype=None, varlen=False) ->
         first = "cuda" if device.type == "cuda" else "cpu"
         return [first] if _available(first, device) else ["aten"]
     if device.type == "cuda":
-        found = ["triton"] if _available("triton", device) else []
-        if dtype in (torch.float16, torch.bfloat16, torch.float32) and not varlen:
+        kernel_dtype = dtype in (torch.float16, torch.bfloat16, torch.float32) or dtype is None
+        found = ["triton"] if kernel_dtype and _available("triton", device) else []
+        if kernel_dtype and not varlen:
             found.append("aten")
         if not found:
-            why = [_triton_problem(device) or "triton cannot take this input"]
-            if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            why = [_triton_problem(device) or "triton takes float16, bfloat16 or float32"]
+            if not kernel_dtype:
                 why.append(f"{dtype} needs backend='reference', passed explicitly (it materialises the scores)")
             if varlen:
                 why.append("aten takes no cu_seqlens on CUDA")
