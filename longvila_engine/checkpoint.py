@@ -14,11 +14,24 @@ it, renames it to `<root>/step_<N>` (one `os.replace` of the directory) and fina
 previous `latest` pointing at a complete checkpoint; a leftover `.tmp-*` directory is ignored and
 removed by the next save.
 
+FSDP2: a sharded model's parameters and AdamW state are DTensors over the dp_sp mesh, each holding
+1/(dp*sp) of this rank's tp slice (dim 0). They are saved as DTensors over a 2-D (tp, dp_sp) mesh,
+placements (Shard(tp_dim) or Replicate, Shard(0)): the same global tensors as the replicated format,
+so a checkpoint written with FSDP loads without it and back, under any layout.
+
+Integrity: after the data is written, every file's size and SHA-256 go into meta.json (`files`),
+hashed by all ranks in parallel. `verify_checkpoint(path)` re-reads them and names what is wrong
+(missing, truncated, altered); `latest_intact_checkpoint(root)` returns the newest step that passes,
+with the reasons it skipped the newer ones. Checkpoints from before the checksums (no `files` in
+meta.json) are taken as they are.
+
 Not here: the training loop (`train.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -26,7 +39,16 @@ import shutil
 import torch
 import torch.distributed as dist
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_state"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "latest_intact_checkpoint",
+    "verify_checkpoint",
+    "read_meta",
+    "checkpoint_state",
+    "ensure_optimizer_state",
+]
 
 LATEST = "latest"
 META = "meta.json"
@@ -43,14 +65,49 @@ def _tp_mesh(groups):
     return _MESHES[key]
 
 
+def _tp_dp_sp_mesh(groups):
+    """A 2-D DeviceMesh (tp, dp_sp) over the whole job (built once per groups object).
+
+    Ranks vary fastest along tp, so rank = tp_rank + tp * dp_sp_rank (DESIGN.md section 3); row t of
+    the mesh is one dp_sp group, column j one tp group.
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+
+    key = (id(groups), "tp_dp_sp")
+    if key not in _MESHES:
+        tp, dp_sp = groups.tp_size, groups.dp_sp_size
+        mesh = torch.arange(tp * dp_sp).view(dp_sp, tp).t().contiguous()
+        assert mesh[groups.tp_rank].tolist() == list(groups.dp_sp_ranks), (mesh, groups.dp_sp_ranks)
+        _MESHES[key] = DeviceMesh.from_group(
+            [groups.tp, groups.dp_sp], groups.device.type, mesh=mesh, mesh_dim_names=("tp", "dp_sp")
+        )
+    return _MESHES[key]
+
+
 def _wrap(local: torch.Tensor, param, groups):
-    """A DTensor view of this rank's shard when the parameter is tp-sharded, else the tensor itself."""
+    """The tensor DCP saves for this rank: a DTensor of the dense tensor, or the tensor itself.
+
+    Plain tp-sharded tensors: Shard(tp_dim) over the tp mesh. FSDP2 DTensors (1/(dp*sp) of the tp
+    slice, dim 0): (Shard(tp_dim) or Replicate, Shard(0)) over the (tp, dp_sp) mesh.
+    """
     dim = getattr(param, "tp_dim", None)
+    full = torch.Size(getattr(param, "tp_full_shape", tuple(param.shape)))
+    if hasattr(local, "to_local"):
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        tp_placement = Shard(dim) if (dim is not None and groups.tp_size > 1) else Replicate()
+        return DTensor.from_local(
+            local.to_local(),
+            _tp_dp_sp_mesh(groups),
+            [tp_placement, Shard(0)],
+            run_check=False,
+            shape=full,
+            stride=torch.empty(full, device="meta").stride(),
+        )
     if groups is None or dim is None or groups.tp_size == 1:
         return local
     from torch.distributed.tensor import DTensor, Shard
 
-    full = torch.Size(param.tp_full_shape)
     stride = torch.empty(full, device="meta").stride()
     return DTensor.from_local(
         local, _tp_mesh(groups), [Shard(dim)], run_check=False, shape=full, stride=stride
@@ -118,13 +175,38 @@ def _barrier():
         dist.barrier()
 
 
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checksums(directory: str) -> dict:
+    """{file: {'bytes', 'sha256'}} of every data file in `directory`, hashed by all ranks in parallel."""
+    names = sorted(e for e in os.listdir(directory) if e != META and os.path.isfile(os.path.join(directory, e)))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = {
+        n: {"bytes": os.path.getsize(os.path.join(directory, n)), "sha256": _sha256(os.path.join(directory, n))}
+        for n in names[rank::world]
+    }
+    if world == 1:
+        return mine
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in sorted(part.items())}
+
+
 def save_checkpoint(
     root: str, step: int, model, optimizer, groups, *, meta: dict | None = None, before_publish=None
 ) -> str:
     """Save (collectively, every rank calls it) and atomically publish `<root>/step_<step>`; returns it.
 
-    `meta` (JSON-able) is stored in meta.json next to the layout and step. `before_publish` (a callable,
-    for fault-injection tests) runs on every rank after the data is written and before publishing.
+    `meta` (JSON-able) is stored in meta.json next to the layout, the step, the model's config (and
+    its Hugging Face config when it came from one) and the files' checksums. `before_publish` (a
+    callable, for fault-injection tests) runs on every rank after the data is written and before
+    publishing.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     name = f"step_{int(step):08d}"
@@ -142,8 +224,22 @@ def save_checkpoint(
     if before_publish is not None:
         before_publish()
     _barrier()  # every rank's data is on disk
+    files = _checksums(tmp)
     if rank == 0:
-        info = {"step": int(step), "format": "longvila_engine dense DCP v1", **(meta or {})}
+        from .fsdp import is_sharded
+
+        info = {
+            "step": int(step),
+            "format": "longvila_engine DCP v2",
+            "sharding": "fsdp2" if is_sharded(model) else "replicated",
+            "files": files,
+        }
+        config = getattr(model, "config", None)
+        if dataclasses.is_dataclass(config):
+            info["model_config"] = dataclasses.asdict(config)
+        if getattr(model, "hf_config", None) is not None:
+            info["hf_config"] = model.hf_config
+        info.update(meta or {})
         if groups is not None:
             info["layout"] = {
                 "dp": groups.layout.dp,
@@ -166,7 +262,10 @@ def save_checkpoint(
 
 
 def latest_checkpoint(root: str) -> str | None:
-    """The checkpoint `<root>/latest` names, if complete; else the newest complete `step_*`; else None."""
+    """The checkpoint `<root>/latest` names, if complete; else the newest complete `step_*`; else None.
+
+    Completeness only (meta.json present); `latest_intact_checkpoint` also verifies the checksums.
+    """
     if not os.path.isdir(root):
         return None
     marker = os.path.join(root, LATEST)
@@ -181,23 +280,89 @@ def latest_checkpoint(root: str) -> str | None:
     return os.path.join(root, complete[-1]) if complete else None
 
 
-def load_checkpoint(path: str, model, optimizer, groups) -> dict:
-    """Load a checkpoint saved under any layout into this rank's shards, in place; returns meta.json.
-
-    Raises ValueError when `path` is not a complete checkpoint.
-    """
+def read_meta(path: str) -> dict:
+    """meta.json of the checkpoint `path`; ValueError naming the file when it is missing or unreadable."""
     meta_path = os.path.join(path, META)
     if not os.path.exists(meta_path):
         raise ValueError(
             f"{path} is not a complete checkpoint (no {META}); pass a published step_* directory"
         )
-    with open(meta_path) as f:
-        meta = json.load(f)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{meta_path} is damaged ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise ValueError(f"{meta_path} is damaged (no 'step' entry)")
+    return meta
+
+
+def verify_checkpoint(path: str) -> list[str]:
+    """What is wrong with the checkpoint `path` ([] when intact): each item names the bad file.
+
+    Checks meta.json, then every recorded file's presence, size (a truncated file) and SHA-256 (an
+    altered one). A checkpoint without recorded checksums (older format) only needs its meta.json.
+    """
+    try:
+        meta = read_meta(path)
+    except ValueError as exc:
+        return [str(exc)]
+    problems = []
+    for name, want in sorted(meta.get("files", {}).items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            problems.append(f"{file} is missing")
+            continue
+        size = os.path.getsize(file)
+        if size != want["bytes"]:
+            problems.append(f"{file} is truncated or extended: {size} bytes, {want['bytes']} recorded")
+        elif _sha256(file) != want["sha256"]:
+            problems.append(f"{file} is altered: its SHA-256 differs from the one recorded in {META}")
+    return problems
+
+
+def latest_intact_checkpoint(root: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """(newest `<root>/step_*` that passes `verify_checkpoint`, or None; [(skipped path, reason)]).
+
+    Newer damaged steps are skipped with the reason (which file, what is wrong), so the caller can say
+    why it resumes from an older step. Unpublished `.tmp-*` directories are never considered. Local
+    and collective-free: every rank may call it, or one rank and broadcast the answer.
+    """
+    if not os.path.isdir(root):
+        return None, []
+    steps = sorted((e for e in os.listdir(root) if e.startswith("step_")), reverse=True)
+    skipped = []
+    for entry in steps:
+        path = os.path.join(root, entry)
+        problems = verify_checkpoint(path)
+        if not problems:
+            return path, skipped
+        skipped.append((path, "; ".join(problems)))
+    return None, skipped
+
+
+def load_checkpoint(path: str, model, optimizer, groups, *, verify: bool = False) -> dict:
+    """Load a checkpoint saved under any layout into this rank's shards, in place; returns meta.json.
+
+    FSDP2-sharded and replicated models load each other's checkpoints. With `verify`, the checksums
+    are checked first (every file read once more). Raises ValueError when `path` is not a complete,
+    readable checkpoint, naming the bad file when one is known.
+    """
+    meta = read_meta(path)
+    if verify:
+        problems = verify_checkpoint(path)
+        if problems:
+            raise ValueError(f"checkpoint {path} is damaged: {'; '.join(problems)}")
     import torch.distributed.checkpoint as dcp
 
     state = checkpoint_state(model, optimizer, groups)
     targets = {k: (v.to_local() if hasattr(v, "to_local") else v) for k, v in state.items()}
-    dcp.load(state, checkpoint_id=path)
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except Exception as exc:  # DCP wraps per-rank failures (EOFError, unpickling) in CheckpointException
+        problems = verify_checkpoint(path)
+        detail = "; ".join(problems) if problems else f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        raise ValueError(f"checkpoint {path} could not be loaded: {detail}") from exc
     with torch.no_grad():  # DCP loads in place; copy back in case a tensor was replaced rather than filled
         for key, value in state.items():
             loaded = value.to_local() if hasattr(value, "to_local") else value
