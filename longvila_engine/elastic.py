@@ -82,7 +82,9 @@ class Preemption:
     """SIGTERM -> stop at the next step boundary on every rank, within `grace_s` seconds.
 
     `install()` replaces the SIGTERM handler; `should_stop(device)` is collective (every rank calls it
-    once per step boundary) and returns True on every rank once any rank has been signalled.
+    once per step boundary) and returns True on every rank once any rank has been signalled. Until
+    `arm()` (the training loop has started) and after `disarm()`, SIGTERM exits `exit_code` at once:
+    there is no step boundary to reach, and a rank stuck at start-up must not make torchrun wait.
     """
 
     def __init__(self, grace_s: float = 30.0, describe=lambda: "", exit_code: int = 143):
@@ -90,13 +92,28 @@ class Preemption:
             raise ValueError(f"preemption grace must be > 0 seconds, got {grace_s}; pass e.g. 30")
         self.grace_s, self.describe, self.exit_code = float(grace_s), describe, exit_code
         self.signalled_at: float | None = None
+        self.armed = False
         self.done = threading.Event()
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def disarm(self) -> None:
+        self.armed = False
 
     def install(self) -> Preemption:
         signal.signal(signal.SIGTERM, self._on_sigterm)
         return self
 
     def _on_sigterm(self, signum, frame) -> None:
+        if not self.armed:
+            print(
+                f"{self.describe()} SIGTERM outside the training loop (the launcher stops every rank when "
+                f"one fails, or the job was preempted before its first step); exiting {self.exit_code}",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(self.exit_code)
         if self.signalled_at is not None:
             return
         self.signalled_at = time.monotonic()
