@@ -155,9 +155,12 @@ def _load_llm(path: str, groups, backend: str):
 
 def build_vlm(args, groups, image_token_id: int):
     """(VisionLanguageModel, tokens per frame) with `--freeze` applied."""
+    from transformers.utils import logging as hf_logging
+
     from .multimodal import MLPProjector, VisionLanguageModel
     from .multimodal.hf_vision import load_vision_tower
 
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per rank says nothing
     torch.manual_seed(args.seed)
     tower = load_vision_tower(args.vision, feature_layer=args.feature_layer).to(groups.device)
     lm = _load_llm(args.llm, groups, args.attention_backend)
@@ -250,7 +253,11 @@ def train(args, progress: dict | None = None) -> list[dict]:
     say(f"[vlm] {rep.rows} rows -> {len(data.samples)} samples in {len(data)} packs of <= {args.seq_len} tokens "
         f"({tokens_per_frame} tokens per frame); {rep.truncated} truncated by frames, {len(rep.skipped)} skipped")
     for line, reason in rep.skipped:
-        say(f"[vlm] skipped {data.path}:{line}: {reason}")
+        say(f"[vlm] skipped {data.path}, line {line}: {reason}")
+    parts = {"vision": vlm.vision_tower, "projector": vlm.projector, "llm": vlm.language_model}
+    counts = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in parts.items()}
+    say(f"[vlm] trainable: {', '.join(f'{k} ({v} params)' for k, v in counts.items() if v)}; "
+        f"frozen: {', '.join(k for k in parts if k in args.freeze) or 'nothing'}")
     start = 0
     if args.resume:
         path = latest_checkpoint(args.checkpoint_dir) if args.resume == "latest" else args.resume
@@ -275,7 +282,7 @@ def train(args, progress: dict | None = None) -> list[dict]:
             verdict = _agree_on_pack(pack, groups)
             skipped_total += len(pack.get("skipped", ()))
             for line, reason in pack.get("skipped", ()):
-                say(f"[vlm] skipped {data.path}:{line}: {reason}")
+                say(f"[vlm] skipped {data.path}, line {line}: {reason}")
             record = {"step": step + 1, "pack": pack["pack"], "skipped_samples_total": skipped_total}
             if verdict == "skip":
                 record.update(loss=None, skipped_step=True)

@@ -124,7 +124,9 @@ def build_assets(root: str, *, seed: int = 0, num_rows: int = 12) -> dict:
     with open(data, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    corpus = [json.dumps(r) for r in rows] + [f"A {c} square moves {d}." for c in COLOURS for d in ("left", "right")]
+    # The tokenizer's corpus holds no path, so it (and the model's vocabulary) does not depend on `root`.
+    texts = [t["value"] for r in rows for t in r.get("conversations", [])] + [r.get("prompt", "") for r in rows]
+    corpus = texts + [f"A {c} square moves {d}." for c in COLOURS for d in ("left", "right")]
     corpus += ["user assistant system What moves, and where? Describe the clip."] + [q + " " + a for q, a in TEXT_ROWS]
     tok = build_tokenizer(paths["llm"], corpus)
     build_llm(paths["llm"], len(tok), seed)
