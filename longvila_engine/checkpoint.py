@@ -133,6 +133,9 @@ def checkpoint_state(
 
     Tensors share storage with the live parameters and optimizer state (loading fills them in place).
     """
+    from .fsdp import reshard
+
+    reshard(model)  # the sharded parameters, not gathered copies a forward may have left behind
     state = {"trainer/step": torch.tensor(int(step), dtype=torch.int64)}
     if optimizer is not None:
         ensure_optimizer_state(optimizer)

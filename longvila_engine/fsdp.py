@@ -33,6 +33,7 @@ __all__ = [
     "mixed_precision_policy",
     "shard_model",
     "is_sharded",
+    "reshard",
     "local_tensor",
     "state_bytes",
     "format_state_bytes",
@@ -104,6 +105,15 @@ def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Put a sharded model's parameters back into their sharded DTensors (after a forward without
+    backward the root keeps its gathered ones registered); a no-op for other models."""
+    if is_sharded(model):
+        for module in model.modules():
+            if is_sharded(module):
+                module.reshard()
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
