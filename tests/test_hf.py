@@ -142,6 +142,8 @@ def _shards(layout, batch, scheme):
 
     groups = groups_for(layout)
     shard = shard_batch(batch, groups, scheme=scheme)
+    plan = shard.pop("sp_plan")  # rank-local (holds the process groups): checked here, not returned
+    assert plan.local_len == shard["input_ids"].shape[1] and plan.scheme == scheme
     return shard, shard_positions(padded_length(batch["input_ids"].shape[1], groups, scheme), groups, scheme)
 
 

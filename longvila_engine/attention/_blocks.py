@@ -2,8 +2,8 @@
 
 Ring and all-gather attention both see the global (padded) sequence as chunks with known global
 positions: zigzag cuts it into 2R chunks and ring rank r holds chunks r and 2R-1-r, in that order;
-contiguous cuts it into R pieces and ring rank r holds piece r. Given the query chunks a rank holds
-and the key chunks of a K/V buffer, `plan_blocks` decides per pair
+contiguous cuts it into R pieces and ring rank r holds piece r (`parallel/zigzag.py`). Given the
+query chunks a rank holds and the key chunks of a K/V buffer, `plan_blocks` decides per pair
 
 | pair | block |
 |---|---|
@@ -14,7 +14,7 @@ and the key chunks of a K/V buffer, `plan_blocks` decides per pair
 (everything is full when not causal), merges neighbouring full key chunks of one query chunk into one
 call, and for packed varlen input intersects the global segments with each block's query and key
 position ranges to get the block's own cu_seqlens (empty segments allowed). Plans are built on the
-host before any step loop, so the loop never synchronises.
+host when the batch is planned (`plan.py`), so the step never synchronises.
 
 Accumulators are kept per query chunk (out (B, C, H, D) and lse (B, H, C) must be contiguous to be
 merged into in place, which a slice of one (B, H, S) tensor is not).
@@ -30,8 +30,13 @@ from typing import NamedTuple
 import torch
 
 from ..ops import acc_dtype, block_attention, block_attention_backward, visible_pairs
+from ..parallel.zigzag import global_chunks, ring_chunks
 
-SCHEMES = ("zigzag", "contiguous")
+__all__ = ["Block", "plan_blocks", "split_chunks", "new_accumulators", "forward_blocks", "backward_blocks",
+           "backward_parts", "chunk_ranges", "global_chunks"]
+
+# The layout arithmetic lives in parallel/zigzag.py; these names stay for the benchmarks that plan blocks.
+chunk_ranges = ring_chunks
 
 
 class Block(NamedTuple):
@@ -44,23 +49,6 @@ class Block(NamedTuple):
     cu_seqlens_q: torch.Tensor | None
     cu_seqlens_k: torch.Tensor | None
     pairs: int  # visible (query, key) pairs per batch row and head
-
-
-def chunk_ranges(ring_rank: int, ring_size: int, local_len: int, scheme: str) -> list[tuple[int, int]]:
-    """Global (start, length) of the chunks making up ring rank `ring_rank`'s local sequence, in order."""
-    if scheme == "zigzag":
-        c = local_len // 2
-        return [(ring_rank * c, c), ((2 * ring_size - 1 - ring_rank) * c, c)]
-    if scheme == "contiguous":
-        return [(ring_rank * local_len, local_len)]
-    raise ValueError(f"scheme={scheme!r} is unknown; choose one of {SCHEMES}")
-
-
-def global_chunks(ring_size: int, local_len: int, scheme: str) -> list[tuple[int, int]]:
-    """The chunks of the whole sequence in global order (the K/V buffer of all-gather attention)."""
-    n = 2 * ring_size if scheme == "zigzag" else ring_size
-    c = ring_size * local_len // n
-    return [(i * c, c) for i in range(n)]
 
 
 def _clip(bounds: list[int], start: int, end: int) -> list[int]:
@@ -141,6 +129,15 @@ def new_accumulators(q_chunks):
     return outs, lses
 
 
+def backward_parts(q, out, dout, lse, q_chunks):
+    """Per query chunk: q, out, dout and lse pieces, and zero dq accumulators (the accumulator dtype)."""
+    acc = acc_dtype(q.dtype)
+    q_parts, out_parts, dout_parts = (split_chunks(t, q_chunks) for t in (q, out, dout))
+    lse_parts = split_chunks(lse, q_chunks, dim=2)
+    dqs = [torch.zeros(p.shape, dtype=acc, device=q.device) for p in q_parts]
+    return q_parts, out_parts, dout_parts, lse_parts, dqs
+
+
 def _rows(x, block):
     return x[:, block.k_start:block.k_end].contiguous()
 
@@ -170,60 +167,3 @@ def backward_blocks(dout_chunks, q_chunks, k, v, out_chunks, lse_chunks, blocks,
             dqs[i].add_(gq)
             dk_rows.add_(gk)
             dv_rows.add_(gv)
-
-
-def check_cu_seqlens(cu_seqlens, batch: int, global_len: int, device) -> tuple[list[int] | None, str | None]:
-    """Host list of a global cu_seqlens and an error message (None when fine); never raises, so the
-    caller can share the verdict with its peers before raising."""
-    if cu_seqlens is None:
-        return None, None
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        return None, "cu_seqlens must be a 1-D tensor of N+1 >= 2 global offsets"
-    if cu_seqlens.dtype != torch.int32:
-        return None, f"cu_seqlens must be int32, got {cu_seqlens.dtype}; pass cu_seqlens.to(torch.int32)"
-    if batch != 1:
-        return None, f"packed varlen input (cu_seqlens given) needs batch size 1, got {batch}"
-    if cu_seqlens.device != torch.device(device):
-        return None, f"cu_seqlens is on {cu_seqlens.device} but the tensors are on {device}"
-    bounds = cu_seqlens.tolist()  # one host copy before the loop, never inside it
-    if bounds[0] != 0 or bounds[-1] != global_len or any(b < a for a, b in zip(bounds, bounds[1:])):
-        return None, (f"cu_seqlens={bounds} must be the GLOBAL offsets over the padded sequence: start at 0, "
-                      f"never decrease and end at the padded global length {global_len} (local length x "
-                      f"sequence-parallel size); pad_cu_seqlens adds the padding segment")
-    return bounds, None
-
-
-def check_qkv_local(q, k, v) -> str | None:
-    """This rank's own complaint about q/k/v (shapes, dtypes), or None."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            return f"{name} must be a 4-D tensor (B, S_local, H, D), got {got}"
-    if k.shape != v.shape:
-        return f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
-    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
-        return f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, local length and head_dim"
-    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
-        return f"num_heads={q.shape[2]} must be a multiple of num_kv_heads={k.shape[2]} (GQA/MQA)"
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32,
-                                                             torch.float64):
-        return f"q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
-    if q.shape[1] == 0:
-        return "the local sequence is empty; pad the sequence so every rank holds at least one token"
-    return None
-
-
-def check_inputs(q, k, v, scheme, cu_seqlens, *, ring_size, ulysses_size=1):
-    """(host cu_seqlens bounds, this rank's complaint or None) for local shards (B, S_local, ...) of a
-    sequence split over ring_size x ulysses_size ranks; never raises, so the verdict can be shared with
-    the peers first."""
-    err = check_qkv_local(q, k, v)
-    if err:
-        return None, err
-    if scheme not in SCHEMES:
-        return None, f"scheme={scheme!r} is unknown; choose one of {SCHEMES}"
-    ring_local = q.shape[1] * ulysses_size
-    if scheme == "zigzag" and ring_local % 2:
-        return None, (f"zigzag needs an even length per ring rank (chunks r and 2R-1-r), got {ring_local}; "
-                      f"pad the sequence to a multiple of 2 x ring size x Ulysses size (shard_sequence does)")
-    return check_cu_seqlens(cu_seqlens, q.shape[0], ring_local * ring_size, q.device)

@@ -19,66 +19,40 @@ R ring size.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
+from ..comm.counted import all_gather_into, reduce_scatter_into
 from ..ops import acc_dtype
-from ._agree import agree, input_fields
-from ._blocks import (
-    backward_blocks,
-    check_inputs,
-    chunk_ranges,
-    forward_blocks,
-    global_chunks,
-    new_accumulators,
-    plan_blocks,
-    split_chunks,
-)
+from ._blocks import backward_blocks, backward_parts, forward_blocks, new_accumulators, split_chunks
+from .plan import check_qkv_local, plan_batch, qkv_fields
 
 __all__ = ["allgather_kv_attention"]
 
-# torch >= 2.13 names them *_single; older releases *_tensor.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+def _reorder_chunks(x, index):
+    """x (n*C, ...) -> its n chunks along dim 0 taken in the order of the device LongTensor `index`."""
+    return x.unflatten(0, (index.numel(), -1))[index].flatten(0, 1)
 
 
-def _zigzag_order(ring_size: int) -> list[int]:
-    """Chunk held at each position of the rank-ordered sequence: [0, 2R-1, 1, 2R-2, ...]."""
-    return [c for r in range(ring_size) for c in (r, 2 * ring_size - 1 - r)]
-
-
-def _reorder_chunks(x, order):
-    """x (n*C, ...) -> its chunks along dim 0 taken in `order` (one gather copy)."""
-    return x.unflatten(0, (len(order), -1))[torch.tensor(order, device=x.device)].flatten(0, 1)
-
-
-def _gather_kv(k, v, groups, scheme):
+def _gather_kv(k, v, plan):
     """(B, S, H_kv, D) x 2 local -> (B, R*S, H_kv, D) x 2 in global sequence order."""
-    R = groups.ring_size
+    R = plan.ring_size
     kv_local = torch.stack([k, v]).movedim(2, 0).contiguous()  # (S, 2, B, H_kv, D): gather along dim 0
     kv_all = kv_local.new_empty((R * kv_local.shape[0], *kv_local.shape[1:]))
-    with groups.stats.waiting("ring"):
-        _all_gather(kv_all, kv_local, group=groups.ring)
-    nbytes = (R - 1) * kv_local.numel() * kv_local.element_size()
-    groups.stats.record("ring", nbytes, groups.is_intra_node("ring"))
-    if scheme == "zigzag":  # rank order [0, 2R-1, 1, 2R-2, ...] -> chunk order
-        order = _zigzag_order(R)
-        kv_all = _reorder_chunks(kv_all, sorted(range(2 * R), key=order.__getitem__))
+    all_gather_into(kv_all, kv_local, plan.groups, "ring")
+    if plan.to_chunk_order is not None:  # zigzag: rank order [0, 2R-1, 1, 2R-2, ...] -> chunk order
+        kv_all = _reorder_chunks(kv_all, plan.to_chunk_order)
     kv_all = kv_all.movedim(0, 2)
     return kv_all[0].contiguous(), kv_all[1].contiguous()
 
 
-def _reduce_scatter_kv(dk_all, dv_all, groups, scheme):
+def _reduce_scatter_kv(dk_all, dv_all, plan):
     """Sum (B, R*S, H_kv, D) x 2 global-order grads over the ring and keep this rank's shard of each."""
-    R = groups.ring_size
     d_all = torch.stack([dk_all, dv_all]).movedim(2, 0).contiguous()  # (R*S, 2, B, H_kv, D)
-    if scheme == "zigzag":
-        d_all = _reorder_chunks(d_all, _zigzag_order(R))  # chunk order -> rank order
-    d_local = d_all.new_empty((d_all.shape[0] // R, *d_all.shape[1:]))
-    with groups.stats.waiting("ring"):
-        _reduce_scatter(d_local, d_all, group=groups.ring)
-    nbytes = (R - 1) * d_local.numel() * d_local.element_size()
-    groups.stats.record("ring", nbytes, groups.is_intra_node("ring"))
+    if plan.to_rank_order is not None:
+        d_all = _reorder_chunks(d_all, plan.to_rank_order).contiguous()  # chunk order -> rank order
+    d_local = d_all.new_empty((d_all.shape[0] // plan.ring_size, *d_all.shape[1:]))
+    reduce_scatter_into(d_local, d_all, plan.groups, "ring")
     d_local = d_local.movedim(0, 2)
     return d_local[0], d_local[1]
 
@@ -101,47 +75,41 @@ class _AllGatherKVAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, groups, q_chunks, blocks, scheme, softmax_scale, backend):
-        if groups.ring_size > 1:
-            k_all, v_all = _gather_kv(k, v, groups, scheme)
+    def forward(ctx, q, k, v, plan, blocks, softmax_scale, backend):
+        if plan.ring_size > 1:
+            k_all, v_all = _gather_kv(k, v, plan)
         else:
             k_all, v_all = k, v
-        q_parts = split_chunks(q, q_chunks)
+        q_parts = split_chunks(q, plan.q_chunks)
         outs, lses = new_accumulators(q_parts)
         forward_blocks(q_parts, k_all, v_all, blocks, outs, lses, softmax_scale=softmax_scale,
                        backend=backend)
         out = torch.cat(outs, dim=1).to(q.dtype)
         ctx.save_for_backward(q, k_all, v_all, out, torch.cat(lses, dim=2))
-        ctx.args = (groups, q_chunks, blocks, scheme, softmax_scale, backend, k.dtype)
+        ctx.args = (plan, blocks, softmax_scale, backend, k.dtype)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
         q, k_all, v_all, out, lse = ctx.saved_tensors
-        groups, q_chunks, blocks, scheme, softmax_scale, backend, kv_dtype = ctx.args
+        plan, blocks, softmax_scale, backend, kv_dtype = ctx.args
         acc = acc_dtype(q.dtype)
-        q_parts, out_parts, dout_parts = (split_chunks(t, q_chunks) for t in (q, out, dout))
-        lse_parts = split_chunks(lse, q_chunks, dim=2)
-        dqs = [torch.zeros(p.shape, dtype=acc, device=q.device) for p in q_parts]
+        q_parts, out_parts, dout_parts, lse_parts, dqs = backward_parts(q, out, dout, lse, plan.q_chunks)
         dk_all, dv_all = (torch.zeros(k_all.shape, dtype=acc, device=k_all.device) for _ in range(2))
         backward_blocks(dout_parts, q_parts, k_all, v_all, out_parts, lse_parts, blocks, dqs, dk_all, dv_all,
                         softmax_scale=softmax_scale, backend=backend)
-        if groups.ring_size > 1:
-            dk, dv = _reduce_scatter_kv(dk_all, dv_all, groups, scheme)
+        if plan.ring_size > 1:
+            dk, dv = _reduce_scatter_kv(dk_all, dv_all, plan)
         else:
             dk, dv = dk_all, dv_all
         dq = torch.cat(dqs, dim=1)
-        return dq.to(q.dtype), dk.to(kv_dtype), dv.to(kv_dtype), None, None, None, None, None, None
+        return dq.to(q.dtype), dk.to(kv_dtype), dv.to(kv_dtype), None, None, None, None
 
 
-def _allgather_kv_attention(q, k, v, groups, causal, softmax_scale, bounds, scheme, backend):
-    """allgather_kv_attention on inputs already checked (bounds: host list of global cu_seqlens or None)."""
-    ring_size, local_len = groups.ring_size, q.shape[1]
-    q_chunks = chunk_ranges(groups.ring_rank, ring_size, local_len, scheme)
-    k_chunks = global_chunks(ring_size, local_len, scheme)
-    blocks = plan_blocks(q_chunks, k_chunks, causal=causal, cu_seqlens=bounds, device=q.device)
-    return _AllGatherKVAttention.apply(q, k, v, groups, q_chunks, blocks, scheme, softmax_scale, backend)
+def allgather_kv_attention_with_plan(q, k, v, plan, causal, softmax_scale, backend):
+    """All-gather-K/V attention of a ring rank's sequence with the plan's block list."""
+    return _AllGatherKVAttention.apply(q, k, v, plan, plan.blocks("allgather", causal), softmax_scale, backend)
 
 
 def allgather_kv_attention(q, k, v, groups, *, causal=True, softmax_scale=None, cu_seqlens=None,
@@ -155,9 +123,13 @@ def allgather_kv_attention(q, k, v, groups, *, causal=True, softmax_scale=None, 
     | cu_seqlens | (N+1,) int32 | GLOBAL offsets over the padded sequence (R x S), same on every rank |
 
     Returns out (B, S, H, D) in q's dtype. Before the all-gather, one tiny all-gather of the input's
-    description checks that the ring ranks agree; otherwise every rank raises ValueError.
+    description (a plan made on the fly) checks that the ring ranks agree; otherwise every rank raises
+    ValueError.
     """
-    bounds, err = check_inputs(q, k, v, scheme, cu_seqlens, ring_size=groups.ring_size)
-    fields = input_fields(q, k, bounds, causal=causal, scheme=scheme)
-    agree(groups, "ring", fields, err, "allgather_kv_attention")
-    return _allgather_kv_attention(q, k, v, groups, causal, softmax_scale, bounds, scheme, backend)
+    err = check_qkv_local(q, k, v)
+    ok = err is None
+    plan = plan_batch(groups, batch=q.shape[0] if ok else 0, local_len=q.shape[1] if ok else 0, scheme=scheme,
+                      cu_seqlens=cu_seqlens, device=q.device if ok else None, axis="ring", local_error=err,
+                      extra_fields=qkv_fields(q, k, causal) if ok else qkv_fields(None, None, causal),
+                      what="allgather_kv_attention")
+    return allgather_kv_attention_with_plan(q, k, v, plan, causal, softmax_scale, backend)

@@ -3,8 +3,8 @@
 Every ring rank holds the queries of its local sequence and, at step s, the K/V block that started on
 ring rank r-s. While that block is computed (block_attention resuming into float32 accumulators), the
 next one is already in flight to the next rank; after R steps every query has met every key. Which
-(query chunk, key chunk) pairs each step computes, and each pair's varlen cu_seqlens, is decided on the
-host before the loop (`ring_plan`), so the loop has no host synchronisation and no barrier.
+(query chunk, key chunk) pairs each step computes, and each pair's varlen cu_seqlens, is decided once
+per batch in the `BatchPlan` (plan.py), so the loop has no host synchronisation and no barrier.
 
 With the zigzag layout (ring rank r holds chunks r and 2R-1-r of 2R) and a causal mask, step 0 computes
 the rank's own causal diagonal and every later step exactly half of a full block, so every ring rank
@@ -24,18 +24,9 @@ from torch.autograd.function import once_differentiable
 
 from ..comm.ring import RingExchange
 from ..ops import acc_dtype
-from ._agree import agree, input_fields
-from ._blocks import (
-    SCHEMES,
-    Block,
-    backward_blocks,
-    check_inputs,
-    chunk_ranges,
-    forward_blocks,
-    new_accumulators,
-    plan_blocks,
-    split_chunks,
-)
+from ..parallel.zigzag import check_scheme
+from ._blocks import backward_blocks, backward_parts, forward_blocks, new_accumulators, split_chunks
+from .plan import check_qkv_local, plan_batch, qkv_fields, ring_steps
 
 __all__ = ["ring_attention", "ring_plan"]
 
@@ -45,23 +36,18 @@ _KV_TAG, _DKV_TAG = 0, 16
 
 
 def ring_plan(ring_rank: int, ring_size: int, local_len: int, *, causal: bool, scheme: str = "zigzag",
-              cu_seqlens=None, device=None) -> list[list[Block]]:
-    """Per ring step, the kernel calls ring rank `ring_rank` makes.
+              cu_seqlens=None, device=None) -> list[list]:
+    """Per ring step, the kernel calls ring rank `ring_rank` makes (`plan.ring_steps`, checked).
 
-    Step s holds the K/V of ring rank (ring_rank - s) mod R. `cu_seqlens`: global offsets (host list or
-    CPU tensor) or None. `sum(b.pairs for step in plan for b in step)` is this rank's visible
-    (query, key) pairs per batch row and head: the causal work the zigzag layout balances.
+    `cu_seqlens`: global offsets (host list or CPU tensor) or None.
     """
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme={scheme!r} is unknown; choose one of {SCHEMES}")
+    check_scheme(scheme)
     if scheme == "zigzag" and local_len % 2:
         raise ValueError(f"zigzag needs an even local length (two chunks), got {local_len}; pad the sequence "
                          f"to a multiple of 2 x ring size x Ulysses size (shard_sequence does)")
     bounds = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens
-    q_chunks = chunk_ranges(ring_rank, ring_size, local_len, scheme)
-    return [plan_blocks(q_chunks, chunk_ranges((ring_rank - step) % ring_size, ring_size, local_len, scheme),
-                        causal=causal, cu_seqlens=bounds, device=device)
-            for step in range(ring_size)]
+    return ring_steps(ring_rank, ring_size, local_len, causal=causal, scheme=scheme, cu_bounds=bounds,
+                      device=device)
 
 
 class _RingAttention(torch.autograd.Function):
@@ -109,9 +95,7 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         groups, q_chunks, plan, softmax_scale, backend = ctx.args
         acc = acc_dtype(q.dtype)
-        q_parts, out_parts, dout_parts = (split_chunks(t, q_chunks) for t in (q, out, dout))
-        lse_parts = split_chunks(lse, q_chunks, dim=2)
-        dqs = [torch.zeros(p.shape, dtype=acc, device=q.device) for p in q_parts]
+        q_parts, out_parts, dout_parts, lse_parts, dqs = backward_parts(q, out, dout, lse, q_chunks)
         kv_exchange = RingExchange(groups, tag=_KV_TAG)
         dkv_exchange = RingExchange(groups, tag=_DKV_TAG)
         k_cur, v_cur = k, v
@@ -137,13 +121,10 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
-def _ring_attention(q, k, v, groups, causal, softmax_scale, bounds, scheme, backend):
-    """ring_attention on inputs already checked (bounds: host list of the global cu_seqlens, or None)."""
-    ring_rank, ring_size = groups.ring_rank, groups.ring_size
-    q_chunks = chunk_ranges(ring_rank, ring_size, q.shape[1], scheme)
-    plan = ring_plan(ring_rank, ring_size, q.shape[1], causal=causal, scheme=scheme, cu_seqlens=bounds,
-                     device=q.device)
-    return _RingAttention.apply(q, k, v, groups, q_chunks, plan, softmax_scale, backend)
+def ring_attention_with_plan(q, k, v, plan, causal, softmax_scale, backend):
+    """Ring attention of a ring rank's sequence (B, ring_local_len, H, D) with the plan's block plans."""
+    return _RingAttention.apply(q, k, v, plan.groups, plan.q_chunks, plan.blocks("ring", causal), softmax_scale,
+                                backend)
 
 
 def ring_attention(q, k, v, groups, *, causal=True, softmax_scale=None, cu_seqlens=None, scheme="zigzag",
@@ -159,8 +140,13 @@ def ring_attention(q, k, v, groups, *, causal=True, softmax_scale=None, cu_seqle
     Returns out (B, S, H, D) in q's dtype. Packed varlen (cu_seqlens given) needs B = 1. `scheme`:
     "zigzag" (ring rank r holds chunks r and 2R-1-r of 2R) or "contiguous" (piece r of R). Before any
     exchange, one tiny all-gather over the ring checks that every ring rank passed the same shapes,
-    dtype, flags and cu_seqlens; otherwise every rank raises ValueError (no rank is left hanging).
+    dtype, flags and cu_seqlens (a plan made on the fly); otherwise every rank raises ValueError.
     """
-    bounds, err = check_inputs(q, k, v, scheme, cu_seqlens, ring_size=groups.ring_size)
-    agree(groups, "ring", input_fields(q, k, bounds, causal=causal, scheme=scheme), err, "ring_attention")
-    return _ring_attention(q, k, v, groups, causal, softmax_scale, bounds, scheme, backend)
+    err = check_qkv_local(q, k, v)
+    ok = err is None
+    plan = plan_batch(groups, batch=q.shape[0] if ok else 0, local_len=q.shape[1] if ok else 0, scheme=scheme,
+                      cu_seqlens=cu_seqlens, device=q.device if ok else None, axis="ring", local_error=err,
+                      extra_fields=qkv_fields(q, k, causal) if ok else qkv_fields(None, None, causal),
+                      what="ring_attention")
+    return ring_attention_with_plan(q, k, v, plan, causal, softmax_scale, backend)
+

@@ -12,7 +12,9 @@ heads. The layout decides the algorithm:
 
 Before any large collective, one tiny all-gather over the sp group checks that every rank passed the
 same shapes, dtype, flags and global cu_seqlens, so a bad input raises ValueError on every rank
-instead of leaving some of them blocked in a collective.
+instead of leaving some of them blocked in a collective. That agreement belongs to the batch, not to
+the layer: `plan.plan_batch` makes it once per step and `attention_with_plan` runs every layer on the
+plan; `sequence_parallel_attention` is the checked one-call form that plans on the fly.
 
 Deliberately not here: sharding and padding (sharding.py), the collectives (comm/), the algorithms
 (ring.py, allgather.py, ulysses.py).
@@ -24,35 +26,67 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from ..ops import flash_attention
-from ._agree import agree, input_fields
-from ._blocks import check_inputs
-from .allgather import _allgather_kv_attention
-from .ring import _ring_attention
+from ..ops.flash import flash_attention
+from ..parallel.groups import as_groups
+from .allgather import allgather_kv_attention_with_plan
+from .plan import ALGORITHMS, BatchPlan, check_qkv_local, plan_batch, qkv_fields
+from .ring import ring_attention_with_plan
 from .ulysses import ulysses_attention, ulysses_sizes_for
 
-__all__ = ["sequence_parallel_attention", "ALGORITHMS"]
-
-ALGORITHMS = ("ring", "allgather")
+__all__ = ["sequence_parallel_attention", "attention_with_plan", "ALGORITHMS"]
 
 
-def _local_error(q, k, v, groups, scheme, cu_seqlens, algorithm):
+def _local_error(q, k, v, groups, algorithm):
     if algorithm not in ALGORITHMS:
-        return None, f"algorithm={algorithm!r} is unknown; choose one of {ALGORITHMS}"
-    if dist.is_initialized() and dist.get_world_size() != groups.layout.world_size:
-        return None, (f"torch.distributed has {dist.get_world_size()} ranks but the layout {groups.layout} "
-                      f"needs {groups.layout.world_size}")
-    bounds, err = check_inputs(q, k, v, scheme, cu_seqlens, ring_size=groups.ring_size,
-                               ulysses_size=groups.ulysses_size)
+        return f"algorithm={algorithm!r} is unknown; choose one of {ALGORITHMS}"
+    if groups.world_size > 1 and dist.is_initialized() and dist.get_world_size() != groups.layout.world_size:
+        return (f"torch.distributed has {dist.get_world_size()} ranks but the layout {groups.layout} "
+                f"needs {groups.layout.world_size}")
+    err = check_qkv_local(q, k, v)
     if err:
-        return None, err
-    U = groups.ulysses_size
+        return err
+    return _heads_error(q, k, groups.ulysses_size)
+
+
+def _heads_error(q, k, U):
     works = ulysses_sizes_for(q.shape[2], k.shape[2])
     if U > 1 and U not in works:
-        return None, (f"num_heads={q.shape[2]} and num_kv_heads={k.shape[2]} on this rank cannot be split "
-                      f"over Ulysses size U={U}: U must divide num_heads, and divide num_kv_heads or be a "
-                      f"multiple of it; Ulysses sizes that work: {works}")
-    return bounds, None
+        return (f"num_heads={q.shape[2]} and num_kv_heads={k.shape[2]} on this rank cannot be split "
+                f"over Ulysses size U={U}: U must divide num_heads, and divide num_kv_heads or be a "
+                f"multiple of it; Ulysses sizes that work: {works}")
+    return None
+
+
+def attention_with_plan(q, k, v, plan: BatchPlan, *, causal=True, softmax_scale=None, backend="auto",
+                        algorithm="ring"):
+    """`sequence_parallel_attention` of one layer with the batch's plan: no agreement, no host sync.
+
+    Shapes as `sequence_parallel_attention`; the only checks are local ones against the plan (they
+    depend on the agreed batch and the model's head counts, so every rank raises alike).
+    """
+    if not isinstance(plan, BatchPlan):
+        raise ValueError(f"plan must be the BatchPlan of this batch (plan_batch / local_batch), got "
+                         f"{type(plan).__name__}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm={algorithm!r} is unknown; choose one of {ALGORITHMS}")
+    plan.check(q, k, v)
+    err = _heads_error(q, k, plan.ulysses_size)
+    if err:
+        raise ValueError(err)
+    if plan.ring_size == 1:
+        cu = plan.cu_seqlens
+
+        def inner(q_, k_, v_):
+            return flash_attention(q_, k_, v_, causal=causal, softmax_scale=softmax_scale, cu_seqlens_q=cu,
+                                   cu_seqlens_k=cu, backend=backend)
+    else:
+        algo = ring_attention_with_plan if algorithm == "ring" else allgather_kv_attention_with_plan
+
+        def inner(q_, k_, v_):
+            return algo(q_, k_, v_, plan, causal, softmax_scale, backend)
+    if plan.ulysses_size == 1:
+        return inner(q, k, v)
+    return ulysses_attention(q, k, v, plan.groups, inner=inner)
 
 
 def sequence_parallel_attention(q, k, v, groups, *, causal=True, softmax_scale=None, cu_seqlens=None,
@@ -71,22 +105,17 @@ def sequence_parallel_attention(q, k, v, groups, *, causal=True, softmax_scale=N
     (Llama 3 style: K/V all-gathered over the ring, dK/dV reduce-scattered). Padding added by
     `shard_sequence` is masked by giving it its own segment (`pad_cu_seqlens`); under a causal mask
     without cu_seqlens, trailing pads are never seen by real tokens anyway.
+
+    This checked entry point plans the batch on the fly (one agreement all-gather over sp, covering
+    q/k shapes, dtype and flags too); models plan once per step and call `attention_with_plan`.
     """
-    R, U = groups.ring_size, groups.ulysses_size
-    bounds, err = _local_error(q, k, v, groups, scheme, cu_seqlens, algorithm)
-    algo_code = ALGORITHMS.index(algorithm) if algorithm in ALGORITHMS else -1
-    fields = input_fields(q, k, bounds, causal=causal, scheme=scheme, algorithm=algo_code, ring=R, ulysses=U)
-    agree(groups, "sp", fields, err, "sequence_parallel_attention")
-
-    if R == 1:
-        def inner(q_, k_, v_):
-            return flash_attention(q_, k_, v_, causal=causal, softmax_scale=softmax_scale,
-                                   cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, backend=backend)
-    else:
-        algo = _ring_attention if algorithm == "ring" else _allgather_kv_attention
-
-        def inner(q_, k_, v_):
-            return algo(q_, k_, v_, groups, causal, softmax_scale, bounds, scheme, backend)
-    if U == 1:
-        return inner(q, k, v)
-    return ulysses_attention(q, k, v, groups, inner=inner)
+    groups = as_groups(groups)
+    err = _local_error(q, k, v, groups, algorithm)
+    ok = err is None or check_qkv_local(q, k, v) is None
+    fields = qkv_fields(q, k, causal) if ok else qkv_fields(None, None, causal)
+    fields["algorithm"] = ALGORITHMS.index(algorithm) if algorithm in ALGORITHMS else -1
+    plan = plan_batch(groups, batch=q.shape[0] if ok else 0, local_len=q.shape[1] if ok else 0, scheme=scheme,
+                      cu_seqlens=cu_seqlens, device=q.device if ok else None, local_error=err,
+                      extra_fields=fields, what="sequence_parallel_attention")
+    return attention_with_plan(q, k, v, plan, causal=causal, softmax_scale=softmax_scale, backend=backend,
+                               algorithm=algorithm)

@@ -13,8 +13,8 @@ sp index i = ulysses_rank + U * ring_rank (the order of `layout.group_ranks('sp'
 A length that does not divide 2*R*U (zigzag) or R*U (contiguous) is padded with zeros at the end,
 never truncated; `pad_cu_seqlens` makes the padding its own packed segment so no real token attends to
 a pad. Packed varlen batches (B=1, global `cu_seqlens`) are sharded along the packed token axis like
-any sequence; `cu_seqlens` stay global and replicated, and attention code maps them onto its chunks
-with `shard_positions` / `ring_positions`.
+any sequence; `cu_seqlens` stay global and replicated, and the batch plan (`plan.py`) maps them onto
+the attention chunks. The layout arithmetic itself lives in `parallel/zigzag.py`.
 
 Not here: the attention itself, the masking of pads inside attention, the label shift (the loss code
 shifts globally before sharding), and the token-balanced multimodal redistribution (all-to-all-v).
@@ -22,80 +22,40 @@ shifts globally before sharding), and the token-balanced multimodal redistributi
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+
+from ..comm.counted import all_gather
+from ..parallel import zigzag
+from ..parallel.groups import as_groups
 
 __all__ = ["padded_length", "shard_positions", "ring_positions", "pad_cu_seqlens", "shard_sequence",
            "unshard_sequence"]
 
-SCHEMES = ("zigzag", "contiguous")
-
-
-def _check_scheme(scheme: str) -> None:
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme={scheme!r} is unknown; choose one of {SCHEMES}")
-
-
-def _multiple(ring_size: int, ulysses_size: int, scheme: str) -> int:
-    return (2 if scheme == "zigzag" else 1) * ring_size * ulysses_size
-
 
 def padded_length(seq_len: int, groups, scheme: str = "zigzag") -> int:
     """Smallest length >= seq_len that the sp group can shard: a multiple of 2*R*U (zigzag) or R*U."""
-    _check_scheme(scheme)
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
-        raise ValueError(f"seq_len must be a non-negative int, got {seq_len!r}")
-    m = _multiple(groups.ring_size, groups.ulysses_size, scheme)
-    return -(-seq_len // m) * m
-
-
-def _check_padded(seq_len_padded: int, ring_size: int, ulysses_size: int, scheme: str) -> None:
-    _check_scheme(scheme)
-    m = _multiple(ring_size, ulysses_size, scheme)
-    if isinstance(seq_len_padded, bool) or not isinstance(seq_len_padded, int) or seq_len_padded < 0 \
-            or seq_len_padded % m:
-        raise ValueError(f"seq_len_padded={seq_len_padded!r} must be a non-negative multiple of {m} "
-                         f"(ring={ring_size}, ulysses={ulysses_size}, scheme={scheme!r}); "
-                         f"use padded_length(seq_len, groups, scheme)")
-
-
-def _runs(seq_len_padded: int, R: int, U: int, r: int, u: int, scheme: str) -> list[tuple[int, int]]:
-    """Global (start, length) runs held by (ring rank r, Ulysses rank u), in local order (at most 2)."""
-    n = seq_len_padded // (R * U)
-    if scheme == "contiguous":
-        return [((u + U * r) * n, n)]
-    c = seq_len_padded // (2 * R)
-    lo, hi = u * n, (u + 1) * n  # offsets into the pair (chunk r, chunk 2R-1-r)
-    runs = []
-    if lo < c:
-        runs.append((r * c + lo, min(hi, c) - lo))
-    if hi > c:
-        start = max(lo, c)
-        runs.append(((2 * R - 1 - r) * c + start - c, hi - start))
-    return [(a, n_) for a, n_ in runs if n_ > 0]
-
-
-def _arange_runs(runs, device) -> torch.Tensor:
-    if not runs:
-        return torch.empty(0, dtype=torch.long, device=device)
-    return torch.cat([torch.arange(a, a + n, dtype=torch.long, device=device) for a, n in runs])
+    groups = as_groups(groups)
+    return zigzag.padded_len(seq_len, groups.ring_size, groups.ulysses_size, scheme)
 
 
 def shard_positions(seq_len_padded: int, groups, scheme: str = "zigzag", *, device=None) -> torch.Tensor:
     """Global positions (LongTensor, length seq_len_padded/(R*U)) of the tokens this rank holds, in the
     order of its shard. Positions >= the true length are padding. Used for RoPE and by attention code."""
+    groups = as_groups(groups)
     R, U = groups.ring_size, groups.ulysses_size
-    _check_padded(seq_len_padded, R, U, scheme)
-    return _arange_runs(_runs(seq_len_padded, R, U, groups.ring_rank, groups.ulysses_rank, scheme), device)
+    zigzag.check_padded(seq_len_padded, R, U, scheme)
+    return zigzag.positions(zigzag.shard_runs(seq_len_padded, R, U, groups.ring_rank, groups.ulysses_rank, scheme),
+                            device)
 
 
 def ring_positions(seq_len_padded: int, groups, scheme: str = "zigzag", *, device=None) -> torch.Tensor:
     """Global positions of this ring rank's whole local sequence, as it is laid out after the Ulysses
     all-to-all (the U shards concatenated in Ulysses-rank order): for zigzag, chunk r then chunk
     2R-1-r. Length seq_len_padded/R."""
+    groups = as_groups(groups)
     R, U = groups.ring_size, groups.ulysses_size
-    _check_padded(seq_len_padded, R, U, scheme)
-    runs = [run for u in range(U) for run in _runs(seq_len_padded, R, U, groups.ring_rank, u, scheme)]
-    return _arange_runs(runs, device)
+    zigzag.check_padded(seq_len_padded, R, U, scheme)
+    runs = [run for u in range(U) for run in zigzag.shard_runs(seq_len_padded, R, U, groups.ring_rank, u, scheme)]
+    return zigzag.positions(runs, device)
 
 
 def pad_cu_seqlens(cu_seqlens: torch.Tensor, padded_len: int) -> torch.Tensor:
@@ -142,24 +102,15 @@ def _take_local(x, dim, seq_len, runs):
 def _gather_full(x_local, groups, dim, seq_len, seq_len_padded, scheme):
     """All-gather the shards over `groups.sp` and reassemble the first seq_len positions in order."""
     R, U = groups.ring_size, groups.ulysses_size
-    sp_size = R * U
-    x_local = x_local.contiguous()
-    if sp_size > 1:
-        ranks = groups.sp_ranks
-        assert list(ranks) == sorted(ranks), f"sp group {ranks} is not in global-rank order"
-        pieces = [torch.empty_like(x_local) for _ in range(sp_size)]
-        with groups.stats.waiting("sp"):
-            dist.all_gather(pieces, x_local, group=groups.sp)
-        groups.stats.record("sp", (sp_size - 1) * x_local.numel() * x_local.element_size(),
-                            groups.is_intra_node("sp"))
-    else:
-        pieces = [x_local]
+    ranks = groups.sp_ranks
+    assert list(ranks) == sorted(ranks), f"sp group {ranks} is not in global-rank order"
+    pieces = all_gather(x_local.contiguous(), groups, "sp")
     shape = list(x_local.shape)
     shape[dim] = seq_len
     out = x_local.new_empty(shape)
     for i, piece in enumerate(pieces):  # i = ulysses_rank + U * ring_rank
         offset = 0
-        for a, n in _runs(seq_len_padded, R, U, i // U, i % U, scheme):
+        for a, n in zigzag.shard_runs(seq_len_padded, R, U, i // U, i % U, scheme):
             real = max(0, min(a + n, seq_len) - a)
             if real:
                 out.narrow(dim, a, real).copy_(piece.narrow(dim, offset, real))
@@ -187,8 +138,8 @@ class _ShardSequence(torch.autograd.Function):
     def forward(ctx, x, groups, dim, scheme, seq_len_padded):
         seq_len = x.shape[dim]
         ctx.args = (groups, dim, scheme, seq_len, seq_len_padded)
-        runs = _runs(seq_len_padded, groups.ring_size, groups.ulysses_size, groups.ring_rank,
-                     groups.ulysses_rank, scheme)
+        runs = zigzag.shard_runs(seq_len_padded, groups.ring_size, groups.ulysses_size, groups.ring_rank,
+                                 groups.ulysses_rank, scheme)
         return _take_local(x, dim, seq_len, runs)
 
     @staticmethod
@@ -236,6 +187,7 @@ def _check_dim(x, dim: int) -> int:
 def shard_sequence(x: torch.Tensor, groups, dim: int = 1, scheme: str = "zigzag") -> torch.Tensor:
     """This rank's shard of the replicated sequence `x` along `dim` (padded at the end to
     `padded_length`); differentiable, backward an all-gather over sp (see `_ShardSequence`)."""
+    groups = as_groups(groups)
     dim = _check_dim(x, dim)
     seq_len = x.shape[dim]
     seq_len_padded = padded_length(seq_len, groups, scheme)
@@ -251,11 +203,12 @@ def unshard_sequence(x_local: torch.Tensor, groups, dim: int = 1, scheme: str = 
 
     `seq_len` is the true length to return (padding dropped); by default the padded length.
     """
-    _check_scheme(scheme)
+    groups = as_groups(groups)
+    zigzag.check_scheme(scheme)
     dim = _check_dim(x_local, dim)
     sp_size = groups.ring_size * groups.ulysses_size
     seq_len_padded = x_local.shape[dim] * sp_size
-    _check_padded(seq_len_padded, groups.ring_size, groups.ulysses_size, scheme)
+    zigzag.check_padded(seq_len_padded, groups.ring_size, groups.ulysses_size, scheme)
     if seq_len is None:
         seq_len = seq_len_padded
     elif isinstance(seq_len, bool) or not isinstance(seq_len, int) or \

@@ -22,10 +22,9 @@ Legend: B batch, S_local this rank's sequence shard, H heads on this rank, D hea
 """
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.distributed as dist
+
+from .counted import all_to_all as _exchange
 
 __all__ = ["seq_to_head_all_to_all", "head_to_seq_all_to_all", "all_to_all_v"]
 
@@ -38,31 +37,6 @@ def _check_4d(name: str, x) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{name} must be a 4-D tensor (B, S, H, D), got {shape}")
-
-
-def _exchange(send: torch.Tensor, groups, axis: str, send_counts=None, recv_counts=None,
-              out_rows: int | None = None) -> torch.Tensor:
-    """One blocking all_to_all_single along dim 0 of `send`, counted on `groups.stats`.
-
-    Equal splits when the counts are None (block j of dim 0 goes to the rank of index j in `axis`).
-    """
-    ranks = groups.ranks(axis)
-    # torch orders a group's members by global rank; our blocks are ordered by index in the axis.
-    assert list(ranks) == sorted(ranks), f"{axis} group {ranks} is not in global-rank order"
-    size, me = len(ranks), groups.index(axis)
-    send = send.contiguous()
-    row_bytes = math.prod(send.shape[1:]) * send.element_size()
-    if send_counts is None:
-        out = torch.empty_like(send)
-        rows_away = send.shape[0] - send.shape[0] // size
-    else:
-        out = send.new_empty((out_rows, *send.shape[1:]))
-        rows_away = sum(send_counts) - send_counts[me]
-    with groups.stats.waiting(axis):
-        dist.all_to_all_single(out, send, output_split_sizes=recv_counts, input_split_sizes=send_counts,
-                               group=groups.group(axis))
-    groups.stats.record(axis, rows_away * row_bytes, groups.is_intra_node(axis))
-    return out
 
 
 def _seq_to_head(x: torch.Tensor, groups) -> torch.Tensor:

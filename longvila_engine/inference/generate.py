@@ -2,16 +2,17 @@
 
 Prefill is the training forward without a loss: the two-stage MM-SP sharding (frames split over the sp
 group, visual tokens moved by one all-to-all-v, zigzag token layout) and sequence-parallel attention.
-Each rank keeps the K/V it computed there (after RoPE, padding dropped): the KV cache stays where it
-was made and never moves. The logits of the last prompt token come from the rank holding it and are
-broadcast over sp.
+Each rank keeps the K/V it computed there (after RoPE, padding dropped) in a preallocated `KVCache`
+that the model's own layers fill (`Transformer.decode(..., kv_cache=)`): the cache stays where it was
+made and never moves, and decode steps run the same decoder blocks with the cache in decoding mode.
+The logits of the last prompt token come from the rank holding it and are broadcast over sp.
 
 A decode step, on every rank of the sp group:
 
 | step | what | collective |
 |---|---|---|
 | embed | the new token (the same on every rank: it was broadcast) | none |
-| per layer | q, k, v of the one new token; the owner rank appends k, v to its cache | none |
+| per layer | q, k, v of the one new token; the owner rank writes k, v into its cache in place | none |
 | per layer | attention of q over this rank's KV shard: (out, lse) partial | all-gather (out, lse) over sp |
 | per layer | merge the partials by log-sum-exp (`ops.merge_attention`), in sp order | none |
 | head | logits, greedy token; rank 0's choice is broadcast | broadcast over sp |
@@ -30,14 +31,14 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..models.transformer import Transformer, apply_rope, rope_cos_sin
+from ..comm.counted import all_gather, broadcast
+from ..models.transformer import Transformer
 from ..multimodal.model import VisionLanguageModel
 from ..multimodal.sharding import sp_order
-from ..ops import block_attention, merge_attention
 from ..tensor_parallel.mappings import axis_size
+from .kv_cache import KVCache
 
 __all__ = ["GenerationOutput", "generate"]
 
@@ -69,110 +70,33 @@ def _check(model, groups, input_ids, max_new_tokens):
         raise ValueError(f"input_ids must be one sample, (S,) or (1, S), got {getattr(input_ids, 'shape', input_ids)}")
 
 
-def _prefill(model, h, plan):
-    """Run the language model on the shard, keeping each layer's K/V (after RoPE) of real positions."""
+def _prefill(model, h, plan, max_new_tokens, backend):
+    """The language model on the shard, storing each layer's K/V of real positions in a new cache."""
     lm = model.language_model
-    captured = {}
-    handles = []
-    for i, layer in enumerate(lm.layers):
-        for name in ("k_proj", "v_proj"):
-            def hook(module, args, output, key=(i, name)):
-                captured[key] = output
-            handles.append(getattr(layer.attn, name).register_forward_hook(hook))
-    try:
-        hidden = model.language_model_hidden(h, plan)
-    finally:
-        for handle in handles:
-            handle.remove()
-    positions = plan.positions.to(h.device).unsqueeze(0)
-    rope_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-    cos, sin = rope_cos_sin(positions, lm.config.head_dim, lm.config.rope_theta, rope_dtype)
-    real = (plan.shard < plan.seq_len).to(h.device)
-    cache = []
-    for i, layer in enumerate(lm.layers):
-        S, K, D = h.shape[1], layer.attn.num_kv_local, layer.attn.head_dim
-        k = apply_rope(captured[(i, "k_proj")].view(1, S, K, D), cos, sin)[:, real]
-        v = captured[(i, "v_proj")].view(1, S, K, D)[:, real]
-        cache.append([k.contiguous(), v.contiguous()])
+    attn = lm.layers[0].attn
+    keep = torch.nonzero(plan.shard < plan.seq_len).flatten().to(h.device)  # padding rows are not cached
+    capacity = keep.numel() + -(-max_new_tokens // model.sp_size)
+    cache = KVCache(len(lm.layers), capacity, attn.num_kv_local, attn.head_dim, model.groups, dtype=h.dtype,
+                    device=h.device, backend=backend)
+    cache.start_prefill(keep)
+    hidden = model.language_model_hidden(h, plan, kv_cache=cache)
+    cache.finish_prefill()
     return hidden, cache
 
 
-def _partial_attention(q, k, v, backend):
-    """(out, lse) of q over this rank's KV shard; out=0, lse=-inf when the shard is empty."""
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if k.shape[1] == 0:
-        B, S, H, D = q.shape
-        return q.new_zeros((B, S, H, D), dtype=acc), torch.full((B, H, S), float("-inf"), dtype=acc, device=q.device)
-    out, lse = block_attention(q, k, v, causal=False, backend=backend)
-    return out.to(acc), lse.to(acc)
-
-
-def _merge_over_sp(out, lse, groups, backend):
-    """All-gather the partials over sp and merge them by log-sum-exp in sp order (identical everywhere)."""
-    if groups is None or groups.sp_size == 1:
-        return out
-    packed = torch.cat([out.reshape(-1), lse.reshape(-1)])
-    pieces = [torch.empty_like(packed) for _ in range(groups.sp_size)]
-    with groups.stats.waiting("sp"):
-        dist.all_gather(pieces, packed, group=groups.sp)
-    groups.stats.record("sp", (groups.sp_size - 1) * packed.numel() * packed.element_size(), groups.is_intra_node("sp"))
-    acc_out = acc_lse = None
-    for piece in pieces:
-        out_i = piece[:out.numel()].view_as(out)
-        lse_i = piece[out.numel():].view_as(lse)
-        if bool(torch.isneginf(lse_i).all()):  # a rank without cached keys contributes nothing
-            continue
-        if acc_out is None:
-            acc_out, acc_lse = out_i.clone(), lse_i.clone()
-        else:
-            merge_attention(acc_out, acc_lse, out_i, lse_i, backend=backend)
-    return acc_out
-
-
-def _decode_step(model, token, position, cache, owner, backend):
+def _decode_step(model, token, position, cache, owner):
     """Logits (V,) after feeding `token` at global `position`; the owner rank caches its K/V."""
-    lm, groups = model.language_model, model.groups
-    weight = lm.embed.weight
-    h = F.embedding(token.view(1, 1), weight)
-    rope_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-    cos, sin = rope_cos_sin(torch.full((1, 1), position, device=h.device), lm.config.head_dim, lm.config.rope_theta,
-                            rope_dtype)
-    for i, layer in enumerate(lm.layers):
-        attn = layer.attn
-        a = layer.attn_norm(h)
-        H, K, D = attn.num_heads_local, attn.num_kv_local, attn.head_dim
-        q = apply_rope(attn.q_proj(a).view(1, 1, H, D), cos, sin)
-        k = apply_rope(attn.k_proj(a).view(1, 1, K, D), cos, sin)
-        v = attn.v_proj(a).view(1, 1, K, D)
-        if model.sp_index == owner:
-            cache[i][0] = torch.cat([cache[i][0], k], dim=1)
-            cache[i][1] = torch.cat([cache[i][1], v], dim=1)
-        out, lse = _partial_attention(q, cache[i][0], cache[i][1], backend)
-        merged = _merge_over_sp(out, lse, groups, backend)
-        h = h + attn.o_proj(merged.to(h.dtype).reshape(1, 1, H * D))
-        h = h + layer.mlp(layer.mlp_norm(h))
-    return F.linear(lm.norm(h)[0, 0], lm.lm_head.weight)
-
-
-def _broadcast(t: torch.Tensor, groups, src_index: int) -> torch.Tensor:
-    if groups is None or groups.sp_size == 1:
-        return t
-    t = t.contiguous()
-    with groups.stats.waiting("sp"):
-        dist.broadcast(t, src=groups.sp_ranks[src_index], group=groups.sp)
-    groups.stats.record("sp", t.numel() * t.element_size() * (groups.sp_size - 1), groups.is_intra_node("sp"))
-    return t
+    lm = model.language_model
+    h = lm.embed_replicated(token.view(1, 1))
+    cache.begin_step(model.sp_index == owner)
+    hidden = lm.decode(h, torch.full((1, 1), position, device=h.device), kv_cache=cache)
+    cache.end_step()
+    return F.linear(hidden[0, 0], lm.lm_head.weight)
 
 
 def _kv_report(cache, groups):
-    tokens = cache[0][0].shape[1] if cache else 0
-    nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in cache)
-    mine = torch.tensor([tokens, nbytes], dtype=torch.int64)
-    if groups is None or groups.sp_size == 1:
-        return (tokens,), (nbytes,)
-    mine = mine.to(groups.device)
-    rows = [torch.empty_like(mine) for _ in range(groups.sp_size)]
-    dist.all_gather(rows, mine, group=groups.sp)
+    mine = torch.tensor([cache.length, cache.nbytes], dtype=torch.int64, device=groups.device)
+    rows = all_gather(mine, groups, "sp")
     return tuple(int(r[0]) for r in rows), tuple(int(r[1]) for r in rows)
 
 
@@ -198,11 +122,11 @@ def generate(model: VisionLanguageModel, input_ids: torch.Tensor, frames=None, g
     if backend is None:
         backend = lm.layers[0].attn.backend if len(lm.layers) else "auto"
     h, plan = model.embed_shard(input_ids.reshape(-1), frames)
-    hidden, cache = _prefill(model, h, plan)
+    hidden, cache = _prefill(model, h, plan, max_new_tokens, backend)
     # The last prompt token lives on one rank: it computes the first logits and broadcasts them.
     L = plan.seq_len
     sp = model.sp_size
-    if groups is None:
+    if sp == 1:
         holder = 0
     else:
         order = sp_order(plan.seq_len_padded, groups.ring_size, groups.ulysses_size, model.scheme)
@@ -212,14 +136,14 @@ def generate(model: VisionLanguageModel, input_ids: torch.Tensor, frames=None, g
     if model.sp_index == holder:
         row = int((plan.shard == L - 1).nonzero()[0, 0])
         logits = F.linear(hidden[0, row], lm.lm_head.weight)
-    logits = _broadcast(logits, groups, holder)
+    logits = broadcast(logits.contiguous(), groups, "sp", holder)
     tokens, scores = [int(logits.argmax())], [logits]
     for t in range(max_new_tokens - 1):
         if eos_token_id is not None and tokens[-1] == eos_token_id:
             break
         token = torch.tensor([tokens[-1]], device=h.device)
-        logits = _decode_step(model, token, L + t, cache, t % sp, backend)
-        choice = _broadcast(logits.argmax().reshape(1), groups, 0)
+        logits = _decode_step(model, token, L + t, cache, t % sp)
+        choice = broadcast(logits.argmax().reshape(1), groups, "sp", 0)
         tokens.append(int(choice[0]))
         scores.append(logits)
     kv_tokens, kv_bytes = _kv_report(cache, groups)

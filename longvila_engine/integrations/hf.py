@@ -11,9 +11,10 @@ How the pieces reach the attention. transformers 5.x looks every attention call 
 `fn(module, query, key, value, attention_mask, scaling=..., dropout=..., **kwargs)` with q/k/v in
 (B, H, S, D), expecting `(out (B, S, H, D), weights)`. We register `longvila_sp` there; it reads the
 groups from an attribute `enable_sequence_parallel` put on each attention module. The model forward
-passes unknown keyword arguments down to that call unchanged, so `shard_batch` adds two of them:
-`sp_cu_seqlens` (global padded int32 offsets of packed sequences, B=1) and `sp_scheme` (the shard
-layout). Nothing is global: two models with different groups can coexist in one process.
+passes unknown keyword arguments down to that call unchanged, so `shard_batch` adds three of them:
+`sp_plan` (the batch's `BatchPlan`, made once by `local_batch`), `sp_cu_seqlens` (global padded int32
+offsets of packed sequences, B=1) and `sp_scheme` (the shard layout). Nothing is global: two models
+with different groups can coexist in one process.
 
 Labels. HF's own loss shifts labels inside each shard, which drops the target at every shard seam and
 divides by a per-shard count. So `shard_batch` shifts globally before sharding (the target of the
@@ -38,14 +39,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..attention.sharding import SCHEMES
 from ..parallel.groups import ParallelGroups
+from ..parallel.zigzag import check_scheme
 
 __all__ = ["enable_sequence_parallel", "shard_batch", "sequence_parallel_loss", "ATTN_IMPLEMENTATION"]
 
 ATTN_IMPLEMENTATION = "longvila_sp"
 CU_SEQLENS_KWARG = "sp_cu_seqlens"
 SCHEME_KWARG = "sp_scheme"
+PLAN_KWARG = "sp_plan"
 _STATE_ATTR = "longvila_sp_state"
 _HOOK_ATTR = "_longvila_sp_hook"
 # model class -> (modeling module, attention class) in transformers.
@@ -78,7 +80,7 @@ def _refuse(module, what: str) -> None:
 def _sp_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The `AttentionInterface` entry: q (B, H, S_local, D), k/v (B, H_kv, S_local, D) in, this rank's
     shard of the global causal attention (B, S_local, H, D) out, and no weights."""
-    from ..attention.sequence_parallel import sequence_parallel_attention
+    from ..attention.sequence_parallel import attention_with_plan, sequence_parallel_attention
 
     state = getattr(module, _STATE_ATTR, None)
     if state is None:
@@ -109,11 +111,17 @@ def _sp_attention_forward(module, query, key, value, attention_mask, scaling=Non
         _refuse(module, f"sliding_window={window} is shorter than the (padded) global sequence of "
                         f"{seq_len_padded} tokens; sliding-window attention is not implemented. Use "
                         f"sequences of at most {window} tokens or a model without a sliding window")
-    out = sequence_parallel_attention(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), groups, causal=True,
-        softmax_scale=scaling, cu_seqlens=kwargs.get(CU_SEQLENS_KWARG),
-        scheme=kwargs.get(SCHEME_KWARG, "zigzag"), backend=state.backend)
-    return out, None
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    plan = kwargs.get(PLAN_KWARG)
+    if plan is None:  # a batch not from shard_batch: plan it here (one agreement per layer)
+        out = sequence_parallel_attention(q, k, v, groups, causal=True, softmax_scale=scaling,
+                                          cu_seqlens=kwargs.get(CU_SEQLENS_KWARG),
+                                          scheme=kwargs.get(SCHEME_KWARG, "zigzag"), backend=state.backend)
+        return out, None
+    if plan.groups is not groups:
+        _refuse(module, f"the batch's {PLAN_KWARG} was made for other ParallelGroups than the model's; "
+                        f"shard the batch with the groups given to enable_sequence_parallel")
+    return attention_with_plan(q, k, v, plan, causal=True, softmax_scale=scaling, backend=state.backend), None
 
 
 def _register_attention() -> None:
@@ -249,8 +257,10 @@ def shard_batch(batch: dict, groups: ParallelGroups, *, scheme: str = "zigzag",
     rank's positions. Position ids stay global (restarting per packed sequence) so RoPE sees the true
     positions; given `position_ids` are padded and cut the same way.
 
-    Returns {'input_ids', 'position_ids' (B, S_local), 'use_cache': False, 'sp_scheme'; 'sp_cu_seqlens'
-    (global padded int32 offsets) when packed; 'shift_labels' (B, S_local) when labels were given}.
+    Returns {'input_ids', 'position_ids' (B, S_local), 'use_cache': False, 'sp_scheme', 'sp_plan' (the
+    batch's `BatchPlan`: every attention layer reads it, so the step makes no agreement and no host
+    copy); 'sp_cu_seqlens' (global padded int32 offsets) when packed; 'shift_labels' (B, S_local) when
+    labels were given}.
     The model ignores `shift_labels`; pass it to `sequence_parallel_loss`.
     """
     from ..attention.sharding import padded_length, shard_sequence
@@ -261,8 +271,7 @@ def shard_batch(batch: dict, groups: ParallelGroups, *, scheme: str = "zigzag",
     unknown = sorted(set(batch) - set(_BATCH_KEYS))
     if unknown:
         raise ValueError(f"shard_batch does not know batch keys {unknown}; it takes {list(_BATCH_KEYS)}")
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme={scheme!r} is unknown; choose one of {SCHEMES}")
+    check_scheme(scheme)
     input_ids = batch.get("input_ids")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         raise ValueError(f"batch['input_ids'] must be an integer tensor (B, S), got "
@@ -291,7 +300,7 @@ def shard_batch(batch: dict, groups: ParallelGroups, *, scheme: str = "zigzag",
         positions = torch.cat([positions, pad_positions.expand(positions.shape[0], -1)], dim=1)
         local_positions = shard_sequence(positions, groups, dim=1, scheme=scheme)
     shard = {"input_ids": local.input_ids, "position_ids": local_positions, "use_cache": False,
-             SCHEME_KWARG: scheme}
+             SCHEME_KWARG: scheme, PLAN_KWARG: local.plan}
     if local.cu_seqlens is not None:
         shard[CU_SEQLENS_KWARG] = local.cu_seqlens
     if labels is not None:
@@ -310,13 +319,13 @@ def sequence_parallel_loss(logits_or_model_output, labels_local: torch.Tensor, g
     `labels_local` (B, S_local): already shifted (`shard_batch(...)['shift_labels']`).
 
     Returns sum(CE over this rank's supervised tokens, in float32) / (supervised tokens of the whole sp
-    group, one all-reduce of an int64 count, `models.loss.sequence_parallel_loss`). The global loss is
+    group, one all-reduce of an int64 count, `models.loss.divide_by_global_count`). The global loss is
     the SUM of these values over `groups.sp`; a rank with no supervised token returns exactly 0, and
     an all-ignored batch gives 0, never NaN. Backpropagate each rank's own value, then SUM parameter
     gradients over `groups.sp` (the attention backward already sends cross-shard gradients home); to
     average over `groups.dp_sp` instead, multiply this loss by `groups.sp_size` first.
     """
-    from ..models.loss import sequence_parallel_loss as divide_by_global_count
+    from ..models.loss import divide_by_global_count
 
     logits = getattr(logits_or_model_output, "logits", logits_or_model_output)
     if not isinstance(logits, torch.Tensor) or logits.dim() < 2 or not logits.is_floating_point():

@@ -1,7 +1,7 @@
 """Models: the Llama-class `Transformer` over tp x sp, its configs and the sequence-parallel loss."""
 
 from .config import PRESETS, ModelConfig, get_config
-from .loss import LocalBatch, global_positions, local_batch, sequence_parallel_loss, shift_labels
+from .loss import LocalBatch, divide_by_global_count, global_positions, local_batch, shift_labels
 from .transformer import Transformer
 
 __all__ = [
@@ -13,5 +13,5 @@ __all__ = [
     "local_batch",
     "shift_labels",
     "global_positions",
-    "sequence_parallel_loss",
+    "divide_by_global_count",
 ]

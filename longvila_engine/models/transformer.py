@@ -36,7 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import flash_attention
+from ..attention.plan import BatchPlan, plan_batch
+from ..attention.sequence_parallel import attention_with_plan
+from ..parallel.groups import as_groups
 from ..tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from ..tensor_parallel.layers import (
     ColumnParallelLinear,
@@ -48,7 +50,7 @@ from ..tensor_parallel.layers import (
 )
 from ..tensor_parallel.mappings import axis_rank, axis_size, copy_to_tp_region, gather_from_sequence_region
 from .config import ModelConfig
-from .loss import sequence_parallel_loss
+from .loss import divide_by_global_count
 
 __all__ = ["Transformer", "RMSNorm", "rope_cos_sin", "apply_rope"]
 
@@ -210,33 +212,25 @@ class Attention(nn.Module):
             **kw,
         )
 
-    def _attend(self, q, k, v, cu_seqlens):
-        if self.groups is None:
-            return flash_attention(
-                q, k, v, causal=True, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, backend=self.backend
-            )
-        from ..attention.sequence_parallel import sequence_parallel_attention
-
-        return sequence_parallel_attention(
-            q,
-            k,
-            v,
-            self.groups,
-            causal=True,
-            cu_seqlens=cu_seqlens,
-            backend=self.backend,
-            scheme=self.scheme,
-            algorithm=self.algorithm,
-        )
-
-    def forward(self, x, cos, sin, cu_seqlens=None):
+    def forward(self, x, cos, sin, plan: BatchPlan | None = None, kv_cache=None):
+        """x (B, S, E) -> (B, S, E). Training and prefill: attention of the shard with the batch's
+        `plan`. `kv_cache` (a layer of `inference.KVCache`): prefill stores this shard's K/V (after
+        RoPE) in the cache, in place; while the cache is decoding, x is the one new token and its
+        attention runs over the cache instead (no plan)."""
         x = self.q_proj.enter_tp_region(x)  # one copy / gather shared by Q, K and V
         B, S, D = x.shape[0], x.shape[1], self.head_dim
         q = self.q_proj(x, input_in_tp_region=True).view(B, S, self.num_heads_local, D)
         k = self.k_proj(x, input_in_tp_region=True).view(B, S, self.num_kv_local, D)
         v = self.v_proj(x, input_in_tp_region=True).view(B, S, self.num_kv_local, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self._attend(q, k, v, cu_seqlens)
+        if kv_cache is not None and kv_cache.decoding:
+            out = kv_cache.attend(q, k, v, backend=self.backend)
+        else:
+            if kv_cache is not None:
+                kv_cache.store_prefill(k, v)
+            if plan is None:  # a layer called on its own: plan its input here (one agreement)
+                plan = plan_batch(self.groups, batch=B, local_len=S, scheme=self.scheme, device=q.device)
+            out = attention_with_plan(q, k, v, plan, causal=True, backend=self.backend, algorithm=self.algorithm)
         return self.o_proj(out.reshape(B, S, self.num_heads_local * D))
 
 
@@ -292,8 +286,8 @@ class TransformerBlock(nn.Module):
         )
         self.mlp = MLP(config, groups, sequence_parallel=sequence_parallel, **kw)
 
-    def forward(self, h, cos, sin, cu_seqlens=None):
-        h = h + self.attn(self.attn_norm(h), cos, sin, cu_seqlens)
+    def forward(self, h, cos, sin, plan: BatchPlan | None = None, kv_cache=None):
+        h = h + self.attn(self.attn_norm(h), cos, sin, plan, kv_cache)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -326,7 +320,8 @@ class Transformer(nn.Module):
         super().__init__()
         if not isinstance(config, ModelConfig):
             raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}")
-        self.config, self.groups = config, groups
+        groups = as_groups(groups, device)  # None: one process (ParallelGroups.single)
+        self.config, self.groups, self.scheme = config, groups, scheme
         self.tp_sequence_parallel = bool(tp_sequence_parallel) and axis_size(groups) > 1
         self.activation_checkpointing = activation_checkpointing
         self.ce_chunk_size, self.ignore_index = ce_chunk_size, ignore_index
@@ -370,6 +365,8 @@ class Transformer(nn.Module):
         positions_local: torch.Tensor,
         labels_local: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        *,
+        plan: BatchPlan | None = None,
     ):
         """Loss (labels given) or final hidden states (B, S_local, E).
 
@@ -379,9 +376,11 @@ class Transformer(nn.Module):
         | positions_local | (B, S_local) or (S_local,) | GLOBAL positions of those tokens (RoPE) |
         | labels_local | (B, S_local) or None | globally shifted targets of those tokens |
         | cu_seqlens | (N+1,) int32 or None | packed varlen (B=1): global offsets over the padded sequence |
+        | plan | `BatchPlan` or None | the batch's plan (`local_batch(...).plan`); None plans here |
 
         The loss is this shard's summed token loss over the sp group's supervised-token count: the sp
-        ranks' losses add up to the sample mean (DESIGN.md section 6).
+        ranks' losses add up to the sample mean (DESIGN.md section 6). With `plan` the step makes no
+        agreement and no host copy; without it, one agreement all-gather is made here per forward.
         """
         if input_ids_local.dim() != 2:
             raise ValueError(f"input_ids_local must be (B, S_local), got {tuple(input_ids_local.shape)}")
@@ -394,7 +393,12 @@ class Transformer(nn.Module):
         tp = axis_size(self.groups)
         if self.tp_sequence_parallel and S % tp:
             raise ValueError(f"tp_sequence_parallel needs the local length {S} divisible by tp={tp}")
-        h = self.decode(self.embed(input_ids_local), positions, cu_seqlens)
+        if plan is None:
+            plan = self.plan(B, S, cu_seqlens, device=input_ids_local.device)
+        elif (cu_seqlens is None) != (plan.cu_seqlens is None):
+            raise ValueError("cu_seqlens and the plan disagree on packing; pass the plan's batch "
+                             "(local_batch(...).plan with its own cu_seqlens) or no plan")
+        h = self.decode(self.embed(input_ids_local), positions, plan=plan)
         if labels_local is None:
             if self.tp_sequence_parallel:
                 h = gather_from_sequence_region(h, self.groups, dim=1, grad_is_partial=False)
@@ -403,21 +407,42 @@ class Transformer(nn.Module):
             raise ValueError(f"labels_local shape {tuple(labels_local.shape)} does not match ids {(B, S)}")
         return self.shard_loss(h, labels_local)
 
-    def decode(self, h: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
+    def plan(self, batch: int, local_len: int, cu_seqlens=None, *, device=None) -> BatchPlan:
+        """Plan a batch of this model's layout on the fly (one agreement over sp); batch builders
+        (`local_batch`, `embed_shard`) do this for you."""
+        return plan_batch(self.groups, batch=batch, local_len=local_len, scheme=self.scheme, cu_seqlens=cu_seqlens,
+                          device=device, what="Transformer.forward")
+
+    def decode(self, h: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor | None = None, *,
+               plan: BatchPlan | None = None, kv_cache=None):
         """Decoder layers and final norm on embedded tokens (the part after the embedding).
 
         h is (B, S_local, E), or this tp rank's 1/tp slice of it under tp sequence parallelism;
         positions (B, S_local) are the GLOBAL positions (RoPE). Multimodal models call this with
-        their interleaved text+visual embeddings.
+        their interleaved text+visual embeddings and their plan. `kv_cache` (`inference.KVCache`):
+        prefill fills it; while it is decoding, h is one new token attending over the cache.
         """
+        decoding = kv_cache is not None and kv_cache.decoding
+        if plan is None and not decoding:
+            S = h.shape[1] * (axis_size(self.groups) if self.tp_sequence_parallel else 1)
+            plan = self.plan(h.shape[0], S, cu_seqlens, device=h.device)
+        if plan is not None and plan.ring_size > 1 and plan.scheme != self.scheme:
+            raise ValueError(f"the batch was planned with scheme={plan.scheme!r} but the model runs "
+                             f"scheme={self.scheme!r}; shard the batch with the model's scheme")
         rope_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, rope_dtype)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            cache = None if kv_cache is None else kv_cache.layer(i)
             if self.activation_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, cu_seqlens, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, plan, cache, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, cu_seqlens)
+                h = layer(h, cos, sin, plan, cache)
         return self.norm(h)
+
+    def embed_replicated(self, ids: torch.Tensor) -> torch.Tensor:
+        """(n,) ids -> (n, E) embeddings replicated over tp (no sequence scatter): what a model that
+        places tokens itself (the multimodal one) or a decoding step needs."""
+        return self.embed.lookup_replicated(ids)
 
     def shard_loss(self, hidden: torch.Tensor, labels_local: torch.Tensor) -> torch.Tensor:
         """DESIGN.md section 6 loss of this shard from `decode`'s output: the chunked vocab-parallel
@@ -431,4 +456,4 @@ class Transformer(nn.Module):
             chunk_size=self.ce_chunk_size,
             sequence_parallel=self.tp_sequence_parallel,
         )
-        return sequence_parallel_loss(loss_sum, count, self.groups)
+        return divide_by_global_count(loss_sum, count, self.groups)

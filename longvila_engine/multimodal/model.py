@@ -31,14 +31,14 @@ image preprocessing, gradient reduction (`train.average_gradients`).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from ..attention._agree import DTYPE_CODES
+from ..attention.plan import plan_batch
 from ..comm.all_to_all import all_to_all_v
+from ..comm.counted import DTYPE_CODES, agree
 from ..models.transformer import Transformer
-from ..tensor_parallel.mappings import axis_size, reduce_from_tp_region, scatter_to_sequence_region
+from ..parallel.groups import as_groups
+from ..tensor_parallel.mappings import axis_size, scatter_to_sequence_region
 from .sharding import FRAME_SPLITS, MultimodalShardPlan, plan_multimodal_shards, split_frames
 
 __all__ = ["VisionLanguageModel"]
@@ -144,17 +144,19 @@ class VisionLanguageModel(nn.Module):
                              f"tokens_per_frame (an int >= 1) up front; got {tokens_per_frame!r}")
         self.frame_split, self.tokens_per_frame = frame_split, tokens_per_frame
         self.vision_tower, self.projector, self.language_model = vision_tower, projector, language_model
-        self.groups, self.image_token_id = groups, image_token_id
+        if groups is None and _is_engine(language_model) and language_model.groups.world_size == 1:
+            groups = language_model.groups  # one process: the model's single-process groups
+        self.groups, self.image_token_id = as_groups(groups), image_token_id
         if _is_engine(language_model):
-            if language_model.groups is not groups:
+            if language_model.groups is not self.groups:
                 raise ValueError("language_model was built with other ParallelGroups than the ones given; pass the "
                                  "same groups object to Transformer(config, groups) and VisionLanguageModel")
-            model_scheme = language_model.layers[0].attn.scheme if len(language_model.layers) else "zigzag"
+            model_scheme = language_model.scheme
             if scheme is not None and scheme != model_scheme:
                 raise ValueError(f"scheme={scheme!r} differs from the language model's scheme={model_scheme!r}")
             self.scheme, self.ignore_index = model_scheme, language_model.ignore_index
         elif hasattr(language_model, "get_input_embeddings") and hasattr(language_model, "config"):
-            if axis_size(groups) != 1:
+            if axis_size(self.groups) != 1:
                 raise ValueError("transformers language models support tp=1 only; use models.Transformer for tp")
             if self.sp_size > 1:
                 from ..integrations.hf import ATTN_IMPLEMENTATION
@@ -170,11 +172,11 @@ class VisionLanguageModel(nn.Module):
     # --- sp geometry -----------------------------------------------------------------------------------
     @property
     def sp_size(self) -> int:
-        return 1 if self.groups is None else self.groups.sp_size
+        return self.groups.sp_size
 
     @property
     def sp_index(self) -> int:
-        return 0 if self.groups is None else self.groups.sp_rank
+        return self.groups.sp_rank
 
     def _text_embedding_weight(self) -> torch.Tensor:
         lm = self.language_model
@@ -192,33 +194,16 @@ class VisionLanguageModel(nn.Module):
         return feats
 
     def _agree(self, fields: dict, tokens: int, width: int, error: str | None) -> tuple[int, int]:
-        """All-gather (error, P, E, sample fingerprint) over sp; raise the same error on every rank or
-        return the agreed (P, E). P = E = -1 marks a rank that could not run the tower on no frame."""
-        rows = [[1 if error else 0, tokens, width, *fields.values()]]
-        groups = self.groups
-        if self.sp_size > 1:
-            mine = torch.tensor(rows[0], dtype=torch.int64, device=groups.device)
-            gathered = [torch.empty_like(mine) for _ in range(self.sp_size)]
-            with groups.stats.waiting("check"):
-                dist.all_gather(gathered, mine, group=groups.sp)
-            groups.stats.record("check", mine.numel() * 8 * (self.sp_size - 1), groups.is_intra_node("sp"))
-            rows = [g.tolist() for g in gathered]
-        if error:
-            raise ValueError(error)
-        failed = [i for i, r in enumerate(rows) if r[0]]
-        if failed:
-            raise ValueError(f"VisionLanguageModel: the vision tower or projector failed on sp rank(s) {failed} "
-                             f"(their own error says why); every rank stops here instead of hanging")
-        names = list(fields)
-        diffs = [f"{name}: {[r[3 + j] for r in rows]}" for j, name in enumerate(names)
-                 if len({r[3 + j] for r in rows}) > 1]
-        if diffs:
-            raise ValueError(f"VisionLanguageModel: the ranks of the sp group were given different samples "
-                             f"({'; '.join(diffs)}); every rank must get the same global sample")
-        known = {(r[1], r[2]) for r in rows if r[1] >= 0}
+        """One agreement over sp (`comm.counted.agree`) of the sample's fingerprint, errors and each
+        rank's (P, E); raise the same error on every rank or return the agreed (P, E). P = E = -1 marks
+        a rank that could not run the tower on no frame."""
+        table = agree(self.groups, "sp", {"tokens": tokens, "width": width, **fields}, error,
+                      "VisionLanguageModel: the vision tower or projector failed, or the sample is bad",
+                      uncompared=("tokens", "width"), mismatch_hint="every rank must get the same global sample")
+        known = {(r[0], r[1]) for r in table if r[0] >= 0}
         if len(known) != 1:
             raise ValueError(f"VisionLanguageModel: the projector gave different (tokens per frame, width) on the "
-                             f"sp ranks: {[(r[1], r[2]) for r in rows]}; it must map every frame alike")
+                             f"sp ranks: {[(r[0], r[1]) for r in table]}; it must map every frame alike")
         return known.pop()
 
     # --- the two stages ----------------------------------------------------------------------------------
@@ -236,14 +221,15 @@ class VisionLanguageModel(nn.Module):
             raise ValueError(f"the sample has {num_placeholders} image placeholder(s) (token id "
                              f"{self.image_token_id}) but {num_frames} frame(s); it needs one placeholder per frame")
         weight = self._text_embedding_weight()
-        R, U = (1, 1) if self.groups is None else (self.groups.ring_size, self.groups.ulysses_size)
+        R, U = self.groups.ring_size, self.groups.ulysses_size
+        sharded = self.sp_size > 1  # one rank: the sample as it is, unpadded
 
         def make_plan(tokens_per_frame):
             return plan_multimodal_shards(
                 ids, flat_labels, image_token_id=self.image_token_id, num_frames=num_frames,
                 tokens_per_frame=tokens_per_frame if num_frames else 1, sp_index=self.sp_index, ring_size=R,
-                ulysses_size=U, scheme=self.scheme if self.groups is not None else "contiguous", cu_seqlens=cu,
-                pad=self.groups is not None, ignore_index=self.ignore_index, frame_split=self.frame_split)
+                ulysses_size=U, scheme=self.scheme if sharded else "contiguous", cu_seqlens=cu,
+                pad=sharded, ignore_index=self.ignore_index, frame_split=self.frame_split)
 
         plan = None
         if self.frame_split == "balanced":
@@ -267,7 +253,7 @@ class VisionLanguageModel(nn.Module):
                     feats, tokens, width = None, -1, -1
         fields = {"seq_len": ids.numel(), "frames": num_frames, "ids": _checksum(ids), "labels": _checksum(flat_labels),
                   "cu_seqlens": _checksum(cu), "frame_shape": _checksum(torch.tensor(frame_shape or ())),
-                  "frame_dtype": DTYPE_CODES.get(frame_dtype, 0)}
+                  "frame_dtype": DTYPE_CODES.get(frame_dtype, 0), "scheme": int(self.scheme == "zigzag")}
         if num_frames or self.sp_size > 1:
             tokens, width = self._agree(fields, tokens, width, error)
         if num_frames and width != weight.shape[1]:
@@ -287,41 +273,44 @@ class VisionLanguageModel(nn.Module):
                     p.requires_grad for p in (*self.vision_tower.parameters(), *self.projector.parameters()))
                 feats = text.new_zeros((0, tokens, width)).requires_grad_(needs_grad)
             visual = feats.reshape(-1, width).to(device=device, dtype=text.dtype)[plan.send_index.to(device)]
-            if self.groups is not None:
+            if sharded:
                 visual = all_to_all_v(visual, plan.send_counts, plan.recv_counts, self.groups, "sp", dim=0)
         rows = torch.cat([text, visual, text.new_zeros((1, text.shape[1]))])
+        # The batch plan of the language model: every input it depends on was agreed above (sample
+        # fingerprint, P, scheme), so it needs no second agreement.
+        cu_local = None if plan.cu_seqlens is None else plan.cu_seqlens.to(device)
+        positions = plan.positions.to(device).unsqueeze(0)
+        attention = plan_batch(self.groups, batch=1, local_len=plan.shard.numel(), scheme=self.scheme,
+                               cu_seqlens=cu_local, positions=positions, device=device, check_peers=False,
+                               what="VisionLanguageModel.embed_shard")
+        plan = plan._replace(attention=attention)
         return rows[plan.assemble_index.to(device)].unsqueeze(0), plan
 
     def _embed_text(self, ids: torch.Tensor) -> torch.Tensor:
         """(n,) ids -> (n, E) replicated over tp (the vocab-parallel lookup without its sequence scatter)."""
         lm = self.language_model
-        if not _is_engine(lm):
-            return lm.get_input_embeddings()(ids)
-        embed = lm.embed
-        if axis_size(self.groups) == 1:
-            return F.embedding(ids, embed.weight)
-        outside = (ids < embed.vocab_start) | (ids >= embed.vocab_end)
-        local = F.embedding((ids - embed.vocab_start).masked_fill(outside, 0), embed.weight)
-        return reduce_from_tp_region(local.masked_fill(outside.unsqueeze(-1), 0.0), self.groups)
+        return lm.embed_replicated(ids) if _is_engine(lm) else lm.get_input_embeddings()(ids)
 
     # --- the language model on the shard -------------------------------------------------------------------
-    def language_model_hidden(self, h: torch.Tensor, plan: MultimodalShardPlan) -> torch.Tensor:
+    def language_model_hidden(self, h: torch.Tensor, plan: MultimodalShardPlan, kv_cache=None) -> torch.Tensor:
         """Engine Transformer layers + final norm on the shard h (1, S_local, E) -> (1, S_local, E).
 
         `Transformer.decode` after the tp-sequence scatter; under tp sequence parallelism the output is
-        this tp rank's 1/tp slice of the local sequence.
+        this tp rank's 1/tp slice of the local sequence. `kv_cache` (`inference.KVCache`) is filled
+        in place by this prefill.
         """
         lm = self.language_model
         if not _is_engine(lm):
             raise ValueError("language_model_hidden needs the engine Transformer")
         positions = plan.positions.to(h.device).unsqueeze(0)
         cu = None if plan.cu_seqlens is None else plan.cu_seqlens.to(h.device)
+        batch_plan = plan.attention if plan.attention is not None else lm.plan(1, h.shape[1], cu, device=h.device)
         if lm.tp_sequence_parallel:
             tp = axis_size(self.groups)
             if h.shape[1] % tp:
                 raise ValueError(f"tp_sequence_parallel needs the local length {h.shape[1]} divisible by tp={tp}")
             h = scatter_to_sequence_region(h, self.groups, dim=1)
-        return lm.decode(h, positions, cu)
+        return lm.decode(h, positions, plan=batch_plan, kv_cache=kv_cache)
 
     def shard_loss(self, h: torch.Tensor, plan: MultimodalShardPlan) -> torch.Tensor:
         """The loss (DESIGN.md section 6) of an embedded shard from `embed_shard` and its plan."""
@@ -329,19 +318,24 @@ class VisionLanguageModel(nn.Module):
         labels = plan.labels.to(h.device).unsqueeze(0)
         if _is_engine(lm):
             return lm.shard_loss(self.language_model_hidden(h, plan), labels)
-        from ..integrations.hf import ATTN_IMPLEMENTATION, CU_SEQLENS_KWARG, SCHEME_KWARG
-        from ..integrations.hf import sequence_parallel_loss as hf_loss
+        from ..integrations.hf import (
+            ATTN_IMPLEMENTATION,
+            CU_SEQLENS_KWARG,
+            PLAN_KWARG,
+            SCHEME_KWARG,
+            sequence_parallel_loss,
+        )
 
         kwargs = {"inputs_embeds": h, "position_ids": plan.positions.to(h.device).unsqueeze(0), "use_cache": False}
         # An SP-enabled model on a one-rank sp group (the trainer's 1-process run) keeps packed boundaries too.
         if self.sp_size > 1 or getattr(lm.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
-            kwargs[SCHEME_KWARG] = self.scheme
+            kwargs[SCHEME_KWARG], kwargs[PLAN_KWARG] = self.scheme, plan.attention
             if plan.cu_seqlens is not None:
                 kwargs[CU_SEQLENS_KWARG] = plan.cu_seqlens.to(h.device)
         elif plan.cu_seqlens is not None:
             raise ValueError("packed samples (several rows or cu_seqlens) need a sequence-parallel transformers "
                              "model (enable_sequence_parallel), whose attention keeps the boundaries")
-        return hf_loss(lm(**kwargs), labels, self.groups, self.ignore_index)
+        return sequence_parallel_loss(lm(**kwargs), labels, self.groups, self.ignore_index)
 
     def forward(self, input_ids: torch.Tensor, frames=None, labels: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:

@@ -31,8 +31,10 @@ from typing import NamedTuple
 
 import torch
 
-from ..attention.sharding import SCHEMES, pad_cu_seqlens
+from ..attention.plan import BatchPlan
+from ..attention.sharding import pad_cu_seqlens
 from ..models.loss import global_positions, shift_labels
+from ..parallel import zigzag
 
 __all__ = ["split_frames", "sp_order", "MultimodalShardPlan", "plan_multimodal_shards", "FRAME_SPLITS"]
 
@@ -49,30 +51,11 @@ def split_frames(num_frames: int, sp_size: int) -> list[int]:
     return [base + (i < extra) for i in range(sp_size)]
 
 
-def _multiple(ring_size: int, ulysses_size: int, scheme: str) -> int:
-    return (2 if scheme == "zigzag" else 1) * ring_size * ulysses_size
-
-
 def sp_order(seq_len_padded: int, ring_size: int, ulysses_size: int, scheme: str = "zigzag") -> torch.Tensor:
     """(seq_len_padded,) global positions in sp order: sp rank i = ulysses_rank + U * ring_rank holds
-    entries [i*n, (i+1)*n), n = seq_len_padded / (R*U), in the order of its shard.
-
-    Zigzag: ring rank r holds chunk r then chunk 2R-1-r of 2R equal chunks, that pair split
-    contiguously over its U Ulysses ranks; contiguous: the identity. This is `shard_positions`
-    (attention/sharding.py) for every rank at once, without a process group.
-    """
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme={scheme!r} is unknown; choose one of {SCHEMES}")
-    m = _multiple(ring_size, ulysses_size, scheme)
-    if seq_len_padded < 0 or seq_len_padded % m:
-        raise ValueError(f"seq_len_padded={seq_len_padded} must be a non-negative multiple of {m} "
-                         f"(ring={ring_size}, ulysses={ulysses_size}, scheme={scheme!r})")
-    positions = torch.arange(seq_len_padded, dtype=torch.long)
-    if scheme == "contiguous" or seq_len_padded == 0:
-        return positions
-    chunks = positions.view(2 * ring_size, -1)
-    pairs = [torch.cat([chunks[r], chunks[2 * ring_size - 1 - r]]) for r in range(ring_size)]
-    return torch.cat(pairs)
+    entries [i*n, (i+1)*n), n = seq_len_padded / (R*U), in the order of its shard (`parallel.zigzag`:
+    `shard_positions` of every rank at once, without a process group)."""
+    return zigzag.sp_order(seq_len_padded, ring_size, ulysses_size, scheme)
 
 
 class MultimodalShardPlan(NamedTuple):
@@ -91,6 +74,7 @@ class MultimodalShardPlan(NamedTuple):
     | shard | (S_local,) | global expanded positions of the local rows (>= seq_len: padding) |
     | positions, labels | (S_local,) | RoPE positions and globally shifted targets of the local rows |
     | cu_seqlens | (K+1,) int32 or None | global padded offsets of packed sequences (pads their own) |
+    | attention | `BatchPlan` or None | the language model's batch plan (set by `embed_shard`) |
     """
 
     seq_len: int
@@ -107,6 +91,7 @@ class MultimodalShardPlan(NamedTuple):
     positions: torch.Tensor
     labels: torch.Tensor
     cu_seqlens: torch.Tensor | None
+    attention: BatchPlan | None = None
 
 
 def _check_int(name: str, value, low: int) -> int:
@@ -162,8 +147,7 @@ def plan_multimodal_shards(input_ids: torch.Tensor, labels: torch.Tensor | None 
     _check_int("sp_index", sp_index, 0)
     if sp_index >= sp:
         raise ValueError(f"sp_index={sp_index} is outside the sp group of {sp} ranks")
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme={scheme!r} is unknown; choose one of {SCHEMES}")
+    zigzag.check_scheme(scheme)
     if frame_split not in FRAME_SPLITS:
         raise ValueError(f"frame_split={frame_split!r} is unknown; choose one of {FRAME_SPLITS}")
     is_image = ids == image_token_id
@@ -181,7 +165,7 @@ def plan_multimodal_shards(input_ids: torch.Tensor, labels: torch.Tensor | None 
     L = int(ends[-1])
     if not pad and sp != 1:
         raise ValueError("pad=False is the one-process plan; it needs ring_size = ulysses_size = 1")
-    m = _multiple(R, U, scheme) if pad else 1
+    m = zigzag.multiple(R, U, scheme) if pad else 1
     L_p = -(-L // m) * m
     order = sp_order(L_p, R, U, scheme) if pad else torch.arange(L_p)
     n = L_p // sp

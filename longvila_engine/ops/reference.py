@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..parallel.zigzag import chunk_order
 from ._validate import acc_dtype
 
 
@@ -109,7 +110,7 @@ def zigzag_permute(x, ring_size, dim, inverse):
     n = 2 * ring_size
     if x.shape[dim] % n:
         raise ValueError(f"zigzag needs the length along dim {dim} ({x.shape[dim]}) divisible by 2*ring_size={n}")
-    order = [c for r in range(ring_size) for c in (r, n - 1 - r)]
+    order = chunk_order(ring_size)
     chunks = x.chunk(n, dim=dim)
     if not inverse:
         return torch.cat([chunks[c] for c in order], dim=dim)

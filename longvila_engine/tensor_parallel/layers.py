@@ -263,13 +263,20 @@ class VocabParallelEmbedding(nn.Module):
             init_std,
         )
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def _partial(self, ids: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of the lookup (zero for ids outside its vocabulary slice)."""
         if axis_size(self.groups) == 1:
-            out = F.embedding(ids, self.weight)
-        else:
-            outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
-            local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
-            out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+        local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
+        return F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+
+    def lookup_replicated(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings of `ids` (any shape) replicated over tp, never scattered over the sequence."""
+        return reduce_from_tp_region(self._partial(ids), self.groups)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self._partial(ids)
         if self.sequence_parallel:
             return reduce_scatter_to_sequence_region(out, self.groups, dim=1)
         return reduce_from_tp_region(out, self.groups)

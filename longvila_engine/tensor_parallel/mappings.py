@@ -30,6 +30,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..comm import counted
+from ..parallel.groups import as_groups
+
 __all__ = [
     "copy_to_tp_region",
     "reduce_from_tp_region",
@@ -46,29 +49,18 @@ __all__ = [
 
 def axis_size(groups, axis: str = "tp") -> int:
     """Size of `axis` in `groups`; 1 when `groups` is None (single process)."""
-    return 1 if groups is None else groups.size(axis)
+    return as_groups(groups).size(axis)
 
 
 def axis_rank(groups, axis: str = "tp") -> int:
     """This rank's index along `axis`; 0 when `groups` is None."""
-    return 0 if groups is None else groups.index(axis)
+    return as_groups(groups).index(axis)
 
 
-def _record(groups, axis: str, nbytes: float) -> None:
-    groups.stats.record(axis, int(nbytes), groups.is_intra_node(axis))
-
-
-# --- raw collectives (no autograd), counted on groups.stats ------------------------------------------
+# --- raw collectives (no autograd), counted on groups.stats by comm/counted.py --------------------------
 def all_reduce(x: torch.Tensor, groups, axis: str = "tp", op=dist.ReduceOp.SUM) -> torch.Tensor:
     """In-place all-reduce of `x` over `axis`; returns x. Identity for a group of size 1."""
-    p = axis_size(groups, axis)
-    if p == 1:
-        return x
-    assert x.is_contiguous(), "all_reduce needs a contiguous tensor"
-    with groups.stats.waiting(axis):
-        dist.all_reduce(x, op=op, group=groups.group(axis))
-    _record(groups, axis, 2 * (p - 1) / p * x.numel() * x.element_size())
-    return x
+    return counted.all_reduce(x, as_groups(groups), axis, op)
 
 
 def _all_gather(x: torch.Tensor, groups, axis: str, dim: int) -> torch.Tensor:
@@ -79,10 +71,7 @@ def _all_gather(x: torch.Tensor, groups, axis: str, dim: int) -> torch.Tensor:
     dim = dim % x.dim()
     moved = x.movedim(dim, 0).contiguous()
     out = moved.new_empty((p * moved.shape[0], *moved.shape[1:]))
-    with groups.stats.waiting(axis):
-        dist.all_gather_single(out, moved, group=groups.group(axis))
-    _record(groups, axis, (p - 1) * moved.numel() * moved.element_size())
-    return out.movedim(0, dim)
+    return counted.all_gather_into(out, moved, groups, axis).movedim(0, dim)
 
 
 def _reduce_scatter(x: torch.Tensor, groups, axis: str, dim: int) -> torch.Tensor:
@@ -93,10 +82,7 @@ def _reduce_scatter(x: torch.Tensor, groups, axis: str, dim: int) -> torch.Tenso
     dim = dim % x.dim()
     moved = x.movedim(dim, 0).contiguous()
     out = moved.new_empty((moved.shape[0] // p, *moved.shape[1:]))
-    with groups.stats.waiting(axis):
-        dist.reduce_scatter_single(out, moved, group=groups.group(axis))
-    _record(groups, axis, (p - 1) / p * moved.numel() * moved.element_size())
-    return out.movedim(0, dim)
+    return counted.reduce_scatter_into(out, moved, groups, axis).movedim(0, dim)
 
 
 def _split(x: torch.Tensor, groups, axis: str, dim: int) -> torch.Tensor:
