@@ -10,7 +10,7 @@ TRANSFORMERS_VERSION := 5.23.0
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv build test pytest lint cuda-check triton-aot smoke demo bench bench-net memory-check niah bench-kernels clean
+.PHONY: venv build test pytest lint cuda-check triton-aot smoke demo bench bench-net memory-check niah bench-kernels two-nodes soak clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -75,6 +75,15 @@ niah: build
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 2 -m longvila_engine.eval.niah \
 	  --load build/niah_model.pt --ring 2 --threads 1 --lengths 8,16,32,64,128,256 --trials 10 \
 	  --json benchmarks/results/niah.json --png benchmarks/results/niah.png
+
+# Two emulated nodes (network namespaces), `torchrun --nnodes 2 --rdzv-backend c10d` in each: train,
+# a SIGKILLed rank recovered by --max-restarts, a cut link. Needs root, says SKIPPED otherwise.
+two-nodes: build
+	$(VPY) scripts/two_nodes.py --json benchmarks/results/two_nodes.json
+
+# 500 steps of the tiny model on 4 ranks: RSS and step time every 25 steps (JSON + PNG). Not in `make test`.
+soak: build
+	$(VPY) benchmarks/soak.py
 
 bench-kernels: build
 	$(VPY) benchmarks/bench_kernels.py
