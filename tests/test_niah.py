@@ -64,11 +64,25 @@ def _check_rows(rows):
         assert r["needle_index"] == niah.needle_index(r["frames"], r["depth"])
 
 
+def test_haystack_goes_through_an_mp4_and_the_data_path(tmp_path):
+    ids, video, index, _ = niah.make_sample(9, 0.5, digit=3, seed=4)
+    path = str(tmp_path / "hay.mp4")
+    niah.write_sample_video(video, path)
+    back = niah.read_sample_video(path, 9)  # PyAV decoding, all 9 frames sampled
+    assert back.shape == video.shape and back.dtype == torch.float32
+    # Lossless RGB H.264: only the 8-bit quantisation of [-1.5, 1.5] is lost (half a step: 1.5/255).
+    assert float((back - video).abs().max()) <= 1.5 / 255 + 1e-6
+    assert torch.equal(back[index], niah.render_needle(3))  # the needle's levels are 0 and 255: exact
+    assert torch.equal(niah.read_sample_video(path, 3), back[[0, 4, 8]])  # uniform sampling
+
+
 def test_tiny_eval_writes_json_and_png(tmp_path):
     out_json, out_png = tmp_path / "niah.json", tmp_path / "niah.png"
     argv = ["--lengths", ",".join(map(str, LENGTHS)), "--depths", ",".join(map(str, DEPTHS)), "--trials",
-            str(TRIALS), "--backend", "reference", "--json", str(out_json), "--png", str(out_png)]
+            str(TRIALS), "--backend", "reference", "--json", str(out_json), "--png", str(out_png), "--video-dir",
+            str(tmp_path / "videos")]
     assert niah.main(argv) == 0
+    assert len(list((tmp_path / "videos").glob("haystack_*.mp4"))) == len(LENGTHS) * len(DEPTHS) * TRIALS
     data = json.loads(out_json.read_text())
     assert data["lengths"] == LENGTHS and data["depths"] == DEPTHS
     _check_rows(data["cells"])

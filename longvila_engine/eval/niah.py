@@ -8,7 +8,10 @@ digit's token (ASCII '0'..'9' = ids 48..57).
 
     [BOS] [IMG] x N [Q tokens]  ->  digit token
 
-Evaluation runs `inference.generate` (sequence-parallel prefill, greedy, one new token) over a grid of
+Evaluation writes each haystack (needle included) as an mp4 file (lossless H.264 RGB, PyAV) and reads
+it back through the trainer's data path (`data.read_video`: PyAV decoding, F frames sampled uniformly,
+here all of them), mapping pixels back with `pixels_to_frames`. It then runs `inference.generate`
+(sequence-parallel prefill, greedy, one new token) over a grid of
 lengths (frames) x depths, `trials` needles per cell, and writes JSON (one row per cell: frames,
 tokens, depth, correct, trials, accuracy, answers) and a heatmap PNG. Under torchrun every rank of the
 sp group runs the same grid (MM-SP prefill over --ring x --ulysses); rank 0 writes the files.
@@ -38,7 +41,8 @@ from ..models import Transformer, get_config
 from ..multimodal import MLPProjector, PatchViT, VisionLanguageModel
 
 __all__ = ["IMAGE_TOKEN", "BOS", "QUESTION", "DIGIT_TOKENS", "SEGMENTS", "render_needle", "make_haystack",
-           "needle_index", "make_sample", "build_model", "train", "run_grid", "write_heatmap", "main"]
+           "needle_index", "make_sample", "frames_to_pixels", "pixels_to_frames", "write_sample_video",
+           "read_sample_video", "build_model", "train", "run_grid", "write_heatmap", "main"]
 
 IMAGE_TOKEN = 255
 BOS = 1
@@ -104,6 +108,40 @@ def make_sample(num_frames: int, depth: float, digit: int, seed: int, size: int 
     frames[index] = render_needle(digit, size)
     ids = torch.tensor([BOS, *([IMAGE_TOKEN] * num_frames), *QUESTION], dtype=torch.long)
     return ids, frames, index, DIGIT_TOKENS[digit]
+
+
+# Pixels <-> model frames: [-1.5, 1.5] <-> [0, 255], i.e. rescale 1/255, mean 0.5, std 1/3 (an image
+# processor's settings; 1/std = 3 is applied as a product so that 0 and 255 map to -1.5 and 1.5 exactly). The needle's levels (+-1.5) are 0 and 255, exact; the haystack is quantised
+# to 3/255 steps (error <= 0.006, far below the needle/haystack margin of 0.3).
+PIXEL_MEAN, PIXEL_INV_STD = 0.5, 3.0
+
+
+def frames_to_pixels(frames: torch.Tensor):
+    """(N, 3, S, S) float frames -> (N, S, S, 3) uint8 RGB numpy array."""
+    scaled = (frames.detach().float().cpu() / PIXEL_INV_STD + PIXEL_MEAN) * 255.0
+    return scaled.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def pixels_to_frames(arrays) -> torch.Tensor:
+    """A list of (S, S, 3) uint8 RGB arrays -> (N, 3, S, S) float32 frames (the processor's normalisation)."""
+    import numpy as np
+
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+    return (pixels - PIXEL_MEAN) * PIXEL_INV_STD
+
+
+def write_sample_video(frames: torch.Tensor, path: str) -> None:
+    """The haystack as a lossless H.264 RGB mp4 (PyAV)."""
+    from ..data.video import write_video
+
+    write_video(path, frames_to_pixels(frames), lossless=True)
+
+
+def read_sample_video(path: str, num_frames: int) -> torch.Tensor:
+    """The haystack back through the data path: PyAV decoding, `num_frames` sampled uniformly."""
+    from ..data.video import read_video
+
+    return pixels_to_frames(read_video(path, num_frames))
 
 
 def build_model(groups=None, *, seed: int = 0, backend: str = "auto", dtype=None) -> VisionLanguageModel:
@@ -173,12 +211,21 @@ def _cell_seed(seed: int, frames: int, depth_index: int, trial: int) -> int:
 
 
 def run_grid(model: VisionLanguageModel, lengths, depths, trials: int = 5, *, seed: int = 0,
-             backend: str | None = None, keep_logits: bool = False) -> list[dict]:
+             backend: str | None = None, keep_logits: bool = False, video_dir: str | None = None) -> list[dict]:
     """Every cell of lengths x depths: `trials` needles (consecutive digits from a seeded start, each
-    with its own haystack) answered by
+    with its own haystack, written as an mp4 and read back through the data path) answered by
     sequence-parallel greedy generation. The same call on every sp rank; every rank returns the same rows.
-    keep_logits: each row also gets "digit_logits", per trial the scores of the ten digit tokens."""
+    keep_logits: each row also gets "digit_logits", per trial the scores of the ten digit tokens.
+    video_dir: keep the mp4 files there (default: a temporary folder of this process)."""
+    import tempfile
+
     from ..inference import generate
+
+    scratch = None
+    if video_dir is None:
+        scratch = tempfile.TemporaryDirectory(prefix="lv_niah_")
+        video_dir = scratch.name
+    os.makedirs(video_dir, exist_ok=True)
 
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
@@ -192,6 +239,9 @@ def run_grid(model: VisionLanguageModel, lengths, depths, trials: int = 5, *, se
                 s = _cell_seed(seed, n, j, t)
                 digit = (first + t) % 10  # ten trials: every digit once
                 ids, frames, _, answer = make_sample(n, depth, digit, s)
+                path = os.path.join(video_dir, f"haystack_{n}f_d{j}_t{t}_r{_rank()}.mp4")
+                write_sample_video(frames, path)
+                frames = read_sample_video(path, n)
                 out = generate(model, ids.to(device), frames.to(device=device, dtype=dtype), model.groups,
                                max_new_tokens=1, backend=backend)
                 answers.append(int(out.tokens[0]))
@@ -205,7 +255,15 @@ def run_grid(model: VisionLanguageModel, lengths, depths, trials: int = 5, *, se
                          "accuracy": correct / trials, "answers": answers, "expected": expected})
             if keep_logits:
                 rows[-1]["digit_logits"] = digit_logits
+    if scratch is not None:
+        scratch.cleanup()
     return rows
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def write_heatmap(rows: list[dict], path: str, title: str = "needle in a haystack") -> None:
@@ -262,6 +320,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trials", type=int, default=10, help="needles per cell")
     p.add_argument("--json", help="write the per-cell results here")
     p.add_argument("--png", help="write the accuracy heatmap here")
+    p.add_argument("--video-dir", help="keep the haystack mp4 files here (default: a temporary folder)")
     p.add_argument("--ring", type=int, default=1)
     p.add_argument("--ulysses", type=int, default=1)
     p.add_argument("--backend", default="auto", help="attention backend (ops): auto, reference, cpu, ...")
@@ -344,7 +403,8 @@ def main(argv=None) -> int:
     say(f"eval: lengths {args.lengths} x depths {args.depths}, {args.trials} trials per cell, sp={sp} "
         f"(ring={args.ring}, ulysses={args.ulysses})")
     start = time.perf_counter()
-    rows = run_grid(model, args.lengths, args.depths, args.trials, seed=args.seed, backend=args.backend)
+    rows = run_grid(model, args.lengths, args.depths, args.trials, seed=args.seed, backend=args.backend,
+                    video_dir=args.video_dir)
     elapsed = time.perf_counter() - start
     total = sum(r["correct"] for r in rows) / sum(r["trials"] for r in rows)
     say(f"{'frames':>6} {'tokens':>6} " + " ".join(f"d={d:<5g}" for d in args.depths))
