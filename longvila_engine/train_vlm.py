@@ -222,6 +222,24 @@ def _agree_on_pack(pack: dict, groups) -> str:
     return "skip" if flags[1] else "ok"
 
 
+def _per_rank_traffic(groups, num_frames: int) -> dict:
+    """What each rank did in this step: its stage-1 frames (vision tower + projector), and the bytes it
+    sent in the stage-2 all-to-all-v (axis 'sp', forward and backward), the ring and the Ulysses
+    all-to-alls. One small all-gather over the world; lists are in rank order."""
+    from .multimodal import split_frames
+
+    stats = groups.stats.bytes_sent
+    mine = torch.tensor([split_frames(num_frames, groups.sp_size)[groups.sp_rank] if num_frames else 0,
+                         stats.get("sp", 0), stats.get("ring", 0), stats.get("ulysses", 0)], dtype=torch.int64,
+                        device=groups.device)
+    rows = [mine]
+    if dist.get_world_size() > 1:
+        rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(rows, mine)
+    keys = ("stage1_frames", "stage2_bytes", "ring_bytes", "ulysses_bytes")
+    return {k: [int(r[i]) for r in rows] for i, k in enumerate(keys)}
+
+
 def _peak_memory_mib(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -290,6 +308,7 @@ def train(args, progress: dict | None = None) -> list[dict]:
             else:
                 frames = None if pack["frames"] is None else pack["frames"].to(vlm_device)
                 optimizer.zero_grad(set_to_none=True)
+                groups.stats.reset()
                 loss = vlm(pack["input_ids"].to(vlm_device), frames, pack["labels"].to(vlm_device),
                            pack["cu_seqlens"])
                 loss.backward()
@@ -308,6 +327,7 @@ def train(args, progress: dict | None = None) -> list[dict]:
                               frames=int(nframes), step_time_s=elapsed, tokens_per_s=tokens / max(elapsed, 1e-9),
                               frames_per_s=nframes / max(elapsed, 1e-9),
                               peak_memory_mib=round(_peak_memory_mib(vlm_device), 1), lines=pack["lines"])
+                record["per_rank"] = _per_rank_traffic(groups, 0 if frames is None else frames.shape[0])
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                 fr_s=f"{record['frames_per_s']:.1f}")
             records.append(record)
