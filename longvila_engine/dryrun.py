@@ -52,7 +52,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -328,7 +327,8 @@ def _shard(model, groups, cfg: DryRunConfig) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = _mesh(groups)
-    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute else MixedPrecisionPolicy()
+    policy = (MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute
+              else MixedPrecisionPolicy())
     for block in model.layers:
         fully_shard(block, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward, mp_policy=policy)
     fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
@@ -382,6 +382,52 @@ def _init_fake_world(cfg: DryRunConfig):
     return init_parallel(layout, timeout=60)
 
 
+def model_config(cfg: DryRunConfig):
+    """The preset's ModelConfig, at `cfg.layers` decoder layers when given."""
+    from .models import get_config
+
+    config = get_config(cfg.model)
+    return config if cfg.layers is None else config.replace(num_layers=cfg.layers)
+
+
+def plan_batch(cfg: DryRunConfig, groups):
+    """This rank's LocalBatch (and its plan) of one global sample, on real tensors: batch planning happens
+    before the step and outside fake mode (the ids are S int64 values, 16 MB at 2M tokens)."""
+    from .models import local_batch
+
+    return local_batch(torch.zeros(1, cfg.seq_len, dtype=torch.long, device=groups.device), groups)
+
+
+def build_state(cfg: DryRunConfig, groups):
+    """(model, optimizer) as the trainer builds them (`train.build_model` options, `fsdp.shard_model`,
+    `train.build_optimizer`), in steady state: AdamW's state exists (one step on zero gradients).
+
+    Runs under FakeTensorMode in the dry run and on real tensors in the accuracy test, unchanged."""
+    from . import train
+    from .models import Transformer
+
+    args = _train_args(cfg)
+    model = Transformer(model_config(cfg), groups, tp_sequence_parallel=args.tp_sequence_parallel,
+                        activation_checkpointing=args.activation_checkpointing,
+                        attention_backend=args.attention_backend, ce_chunk_size=args.ce_chunk_size, seed=0,
+                        dtype=torch.float32, device=groups.device)
+    if _use_fsdp(cfg, groups):
+        _shard(model, groups, cfg)
+    optimizer = train.build_optimizer(model, 1e-4)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return model, optimizer
+
+
+def run_step(model, optimizer, batch, groups) -> None:
+    """The trainer's step (`train.train_step`, gradient clipping at 1.0)."""
+    from . import train
+
+    train.train_step(model, optimizer, batch, groups, grad_clip=1.0, autocast=False)
+
+
 def dry_run(cfg: DryRunConfig, *, progress=None) -> dict:
     """Run one training step of `cfg` as rank cfg.rank of a fake world; return the measurements.
 
@@ -394,40 +440,20 @@ def dry_run(cfg: DryRunConfig, *, progress=None) -> dict:
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.utils.flop_counter import FlopCounterMode
 
-    from . import train
-    from .models import Transformer, get_config, local_batch
-
     t_start = time.perf_counter()
     groups = _init_fake_world(cfg)
     try:
-        config = get_config(cfg.model)
-        if cfg.layers is not None:
-            config = config.replace(num_layers=cfg.layers)
-        args = _train_args(cfg)
         fsdp = _use_fsdp(cfg, groups)
         if fsdp:
             _mesh(groups)
-        # Batch planning on real (small: int64 ids) tensors, before the step and outside fake mode.
-        ids = torch.zeros(1, cfg.seq_len, dtype=torch.long)
-        batch = local_batch(ids, groups)
+        batch = plan_batch(cfg, groups)
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         agreed_locally: list = []
         recorder = _StepRecorder()
         INEXACT_CALLS["count"] = 0
         with mode:
-            model = Transformer(
-                config, groups, tp_sequence_parallel=args.tp_sequence_parallel,
-                activation_checkpointing=args.activation_checkpointing, attention_backend=args.attention_backend,
-                ce_chunk_size=args.ce_chunk_size, seed=0, dtype=torch.float32, device=groups.device)
-            if fsdp:
-                _shard(model, groups, cfg)
-            optimizer = train.build_optimizer(model, 1e-4)
+            model, optimizer = build_state(cfg, groups)
             fake_batch = type(batch)(*(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in batch))
-            # Steady state: AdamW's state exists before the measured step, as from step 2 of a real run.
-            for p in model.parameters():
-                p.grad = torch.zeros_like(p)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             groups.stats.reset()
             tracker = FSDPMemTracker(model, optimizer) if fsdp else MemTracker()
             if not fsdp:
@@ -435,9 +461,9 @@ def dry_run(cfg: DryRunConfig, *, progress=None) -> dict:
             counter = FlopCounterMode(display=False, custom_mapping=attention_flop_formulas())
             logging_sync = None
             with _local_agreement(agreed_locally), tracker, counter, recorder:
+                at_start = _regroup(next(iter(tracker.get_tracker_snapshot("current").values()), {}))["total"]
                 try:
-                    train.train_step(model, optimizer, fake_batch, groups, grad_clip=1.0,
-                                     autocast=False)
+                    run_step(model, optimizer, fake_batch, groups)
                 except DataDependentOutputException:
                     where = _caller_of_exception()
                     if not where.startswith("longvila_engine/train.py"):
@@ -450,14 +476,15 @@ def dry_run(cfg: DryRunConfig, *, progress=None) -> dict:
         memory = _regroup(dev_snap)
         flops = {str(k): int(v) for k, v in counter.get_flop_counts().get("Global", {}).items()}
         result = {
-            "config": dataclasses.asdict(cfg) | {"dp": cfg.dp, "num_layers": config.num_layers},
+            "config": dataclasses.asdict(cfg) | {"dp": cfg.dp, "num_layers": model_config(cfg).num_layers},
             "tokens_local": int(batch.input_ids.numel()),
             "memory": memory,
+            "memory_at_start": at_start,
             "fits": memory["total"] <= USABLE * HBM_BYTES,
             "flops": {"total": int(counter.get_total_flops()), "by_op": flops,
                       "attention_counted": sum(v for k, v in flops.items() if "longvila_engine" in k
                                                or "attention" in k),
-                      "attention_rule": attention_rule_flops(cfg, config),
+                      "attention_rule": attention_rule_flops(cfg, model_config(cfg)),
                       "inexact_attention_calls": INEXACT_CALLS["count"]},
             "bytes": {"groups_stats": {k: v["bytes"] for k, v in groups.stats.summary().items()},
                       "fsdp_collectives": dict(recorder.collective_bytes)},
@@ -607,8 +634,9 @@ def report(result: dict, cost: dict | None = None) -> str:
     lines.append("attention calls: " + (", ".join(f"{k} x{v}" for k, v in sorted(result["attention"].items()))
                                         or "none"))
     syncs = result["host_syncs"]
-    lines.append("host syncs inside the step: " + ("none" if not syncs else f"{len(syncs)}: "
-                                                   + ", ".join(sorted(set(syncs)))))
+    where = {w: syncs.count(w) for w in sorted(set(syncs))}
+    lines.append("host syncs inside the step: " + ("none" if not syncs else f"{len(syncs)} ("
+                                                   + ", ".join(f"{w} x{n}" for w, n in where.items()) + ")"))
     if result["agreement_calls_answered_locally"]:
         lines.append(f"agreement all-gathers inside the step (answered locally): "
                      f"{result['agreement_calls_answered_locally']}")
