@@ -7,10 +7,11 @@ VPY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 TRITON_VERSION := 3.7.1
 TRANSFORMERS_VERSION := 5.23.0
+AV_VERSION := 18.1.0
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv build test pytest lint cuda-check triton-aot smoke demo bench bench-net memory-check niah bench-kernels two-nodes soak clean
+.PHONY: venv build test pytest lint cuda-check triton-aot smoke demo demo-text bench bench-net memory-check niah bench-kernels two-nodes soak clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml setup.py
 	$(VPY) -c "import torch,sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null || \
 	  $(VPY) -m pip install -q torch==$(TORCH_VERSION)
 	$(VPY) -m pip install -q triton==$(TRITON_VERSION) transformers==$(TRANSFORMERS_VERSION) pytest ruff tqdm \
-	  numpy matplotlib ninja
+	  numpy matplotlib ninja av==$(AV_VERSION)
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -51,8 +52,13 @@ smoke: build
 
 test: build lint cuda-check triton-aot pytest smoke
 
-# The main job: tiny model on 4 CPU ranks in the MM-SP 2D layout vs one process, same data.
+# The main job: multimodal training from the command line (mp4 clips, frame folders and text rows; tiny
+# SigLIP + projector + Qwen2) on 4 CPU ranks in the MM-SP 2D layout vs one process, same data.
 demo: build
+	$(VPY) -m longvila_engine.cli.demo_vlm
+
+# The text-only trainer: tiny engine Transformer, 4 ranks (ring 2 x ulysses 2) vs one process.
+demo-text: build
 	$(VPY) -m longvila_engine.cli.demo
 
 # CPU strategies benchmark (4 gloo ranks) and the 256K-2M projection; both print their tables.
