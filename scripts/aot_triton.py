@@ -1,10 +1,12 @@
-"""Compile every Triton kernel ahead of time for sm_80 and sm_90 (bf16/fp16, head dims 64/128) and
-print registers, spills and shared memory per kernel. Needs no GPU. Exits 1 if any compile fails.
+"""Compile every Triton kernel ahead of time for sm_80 and sm_90 (bf16/fp16, head dims 64/128, causal
+and not) and print tile, warps, stages, registers, spills and shared memory per kernel. Needs no GPU.
+Exits 1 if any compile fails, any kernel spills registers, or ptxas serializes wgmma (C7515) on sm_90.
 
     python scripts/aot_triton.py                       # the full table
     python scripts/aot_triton.py --arch 90 --dtype fp16 --head-dim 64 --kernel attn_fwd
     python scripts/aot_triton.py --fresh               # ignore triton's on-disk cache
     python scripts/aot_triton.py --variants --arch 90 --dtype fp16 --head-dim 64   # every flag combination
+    python scripts/aot_triton.py --markdown build/aot_table.md   # also write the table as markdown
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ def main(argv=None) -> int:
                         help="kernel names, as printed (default: every kernel)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiles in parallel")
     parser.add_argument("--fresh", action="store_true", help="compile into an empty triton cache")
+    parser.add_argument("--markdown", metavar="PATH", help="also write the table as markdown to PATH")
     args = parser.parse_args(argv)
 
     kernels = args.kernel or aot.kernel_names(all_variants=args.variants)
@@ -52,16 +55,37 @@ def main(argv=None) -> int:
     jobs = [(k, a, d, h) for a in args.arch for d in args.dtype for h in args.head_dim for k in kernels]
     start = time.perf_counter()
     print(aot.HEADER)
-    failures = 0
+    failures, rejected, results = 0, [], []
     with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(jobs)))) as pool:
         for job, (result, error) in zip(jobs, pool.map(_compile, jobs)):
             if error is None:
                 print(aot.format_row(result), flush=True)
+                results.append(result)
+                if result.problems:
+                    notes = "".join(f"\n    ptxas: {n}" for n in result.ptxas_notes)
+                    rejected.append(f"{result.name} sm_{result.arch} {result.dtype} D={result.head_dim}: "
+                                    + "; ".join(result.problems) + notes)
             else:
                 failures += 1
                 print(f"{job[0]:<36} sm_{job[1]:<3} {job[2]:<5} {job[3]:>4} FAILED\n{error}", flush=True)
-    print(f"{len(jobs) - failures}/{len(jobs)} compiled in {time.perf_counter() - start:.1f} s")
-    return 1 if failures else 0
+    print(f"{len(jobs) - failures}/{len(jobs)} compiled in {time.perf_counter() - start:.1f} s; "
+          f"{len(rejected)} rejected (spills, or wgmma serialized on sm_90)")
+    for line in rejected:
+        print("REJECTED " + line)
+    if args.markdown:
+        _write_markdown(args.markdown, results)
+    return 1 if failures or rejected else 0
+
+
+def _write_markdown(path: str, results) -> None:
+    lines = ["| kernel | arch | dtype | D | tile | warps | stages | regs | spills (B) | smem (B) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| `{r.name}` | sm_{r.arch} | {r.dtype} | {r.head_dim} | {r.block} | {r.warps} | {r.stages} | "
+              f"{r.n_regs} | {r.n_spills} | {r.shared} |" for r in results]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"markdown table: {path}")
 
 
 if __name__ == "__main__":

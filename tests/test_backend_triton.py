@@ -252,6 +252,28 @@ def test_no_keys_or_no_queries(device, Sq, Sk):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
+def test_gpu_tile_shapes_split_diagonal_correctly(device, monkeypatch):
+    """The masked/unmasked split with the unequal tiles the GPU configs use (forward 64x32, dQ 64x16,
+    dK/dV 16x64: several tiles cross the diagonal, some lie wholly left of it), interpreted."""
+    from longvila_engine.kernels.triton import attention_bwd, attention_fwd
+
+    if not INTERPRETS:
+        pytest.skip("tile shapes are forced only under the interpreter")
+
+    def cfg(m, n):
+        return {"BLOCK_M": m, "BLOCK_N": n, "num_warps": 1, "num_stages": 1}
+
+    monkeypatch.setattr(attention_fwd, "fwd_config", lambda *a, **k: cfg(64, 32))
+    monkeypatch.setattr(attention_bwd, "bwd_config", lambda *a, **k: {
+        "pre": {"BLOCK_M": 32, "num_warps": 1, "num_stages": 1}, "dkdv": cfg(16, 64), "dq": cfg(64, 16)})
+    q, k, v = _qkv((1, 100, 2, 16), (1, 100, 1, 16), torch.float32, device, seed=11)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(12)).to(device)
+    res = _run_both(q, k, v, dout, True)
+    for i, (got, want) in enumerate(zip(res["triton"], res["reference"])):
+        tol = 1e-5 if i < 2 else 1e-4  # the float32 contract
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
 def test_float64_is_refused_with_the_fix(device):
     q, k, v = _qkv((1, 8, 2, 16), (1, 8, 2, 16), torch.float64, device)
     with pytest.raises(ValueError, match=r"float64.*backend='cpu'.*backend='reference'"):
@@ -260,13 +282,30 @@ def test_float64_is_refused_with_the_fix(device):
 
 def test_aot_compile_one_kernel_for_sm90():
     """AOT needs a process whose triton compiles (not interpreting): a fresh interpreter, without the
-    variable, compiles the forward kernel for sm_90 in fp16 at D=64. No GPU is needed."""
+    variable, compiles the causal dQ kernel for sm_90 in fp16 at D=128 (the kernel whose wgmma ptxas
+    serialized, C7515, before its diagonal tiles left the main loop). No GPU is needed."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
     code = ("from longvila_engine.kernels.triton import aot\n"
-            "r = aot.compile_kernel('attn_fwd', 90, 'fp16', 64)\n"
-            "print(r.n_regs, r.n_spills, r.shared)\n")
+            "r = aot.compile_kernel('attn_bwd_dq', 90, 'fp16', 128)\n"
+            "print(r.n_regs, r.n_spills, r.shared, r.stages, r.block, repr(r.problems))\n")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    n_regs, n_spills, shared = map(int, proc.stdout.split())
-    assert n_regs > 0 and n_spills >= 0 and shared > 0
+    n_regs, n_spills, shared, stages, block, problems = proc.stdout.split(maxsplit=5)
+    assert 0 < int(n_regs) <= 255 and int(shared) > 0
+    assert block.startswith("128x") and int(stages) >= 2  # 128-row dQ tiles, pipelined
+    assert (int(n_spills), problems.strip()) == (0, "[]")
+
+
+@pytest.mark.parametrize("arch,notes,spills,want", [
+    (90, ("(C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized",), 0,
+     ["wgmma serialized (ptxas C7515)"]),
+    (80, ("(C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized",), 0, []),
+    (90, (), 12, ["12 bytes of register spills"]),
+    (80, (), 0, []),
+])
+def test_aot_rejects_spills_and_serialized_wgmma(arch, notes, spills, want):
+    from longvila_engine.kernels.triton.aot import AotResult
+
+    r = AotResult("attn_bwd_dq", arch, "fp16", 128, 192, spills, 98304, 3, 8, "128x32", notes, 1.0)
+    assert r.problems == want

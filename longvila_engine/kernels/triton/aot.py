@@ -5,12 +5,13 @@ TTGIR, LLVM IR, PTX, then the ptxas bundled with triton) for the same variant, t
 that the launchers use (each kernel file's `aot_specs`), so a kernel that does not compile, or that
 spills, for sm_80 or sm_90 shows up on a CPU-only machine.
 
-Register and spill counts: `CompiledKernel.n_regs`/`n_spills` are filled only when the cubin is
-loaded through the CUDA driver, so here they are read from the cubin itself with the cuobjdump that
-ships with triton (`-res-usage`). n_regs is REG (what CU_FUNC_ATTRIBUTE_NUM_REGS returns). n_spills
-follows triton's definition, per-thread local memory / 4 (32-bit words); ptxas puts spills in the
-stack frame (STACK), not in LOCAL, so both are counted: a kernel reported with 32 registers, LOCAL 0
-and STACK 3400 had, per `ptxas -v`, 9032 bytes of spill stores.
+Registers, spills and warnings: `CompiledKernel.n_regs`/`n_spills` are filled only when the cubin is
+loaded through the CUDA driver, and triton drops the ptxas log when ptxas succeeds. So the PTX triton
+made is assembled once more with the ptxas that ships with triton, with triton's own flags (`-v
+-lineinfo --regAllocOptLevel=2 --gpu-name=sm_90a`), and its log is read: "Used N registers", "N bytes
+spill stores/loads", and the performance warnings, among them C7515 ("wgmma.mma_async instructions
+are serialized"), which ptxas prints as info, not as a warning, and which triton never shows.
+`AotResult.problems` lists what `scripts/aot_triton.py` fails on: any spill, and C7515 on sm_90.
 
 What it does not do: run or time anything, autotune, or write a loadable library; it must run in a
 process that did not import triton with TRITON_INTERPRET=1 (see attention_fwd.process_interprets).
@@ -33,6 +34,9 @@ DTYPES = ("fp16", "bf16")
 HEAD_DIMS = (64, 128)
 
 
+SERIALIZED = "C7515"  # ptxas: wgmma.mma_async instructions are serialized
+
+
 @dataclass(frozen=True)
 class AotResult:
     name: str
@@ -40,16 +44,29 @@ class AotResult:
     dtype: str
     head_dim: int
     n_regs: int
-    n_spills: int
-    shared: int
+    n_spills: int  # bytes of spill stores + spill loads per thread
+    shared: int  # bytes of shared memory per program
+    stages: int
+    warps: int
+    block: str  # "BLOCK_MxBLOCK_N"
+    ptxas_notes: tuple  # ptxas performance lines (C-coded), verbatim
     seconds: float
 
+    @property
+    def problems(self) -> list[str]:
+        """What the AOT step fails on: a spill anywhere, a serialized wgmma on sm_90."""
+        found = [f"{self.n_spills} bytes of register spills"] if self.n_spills else []
+        if self.arch == 90 and any(SERIALIZED in note for note in self.ptxas_notes):
+            found.append("wgmma serialized (ptxas C7515)")
+        return found
 
-def kernel_specs(dtype: str, head_dim: int, all_variants: bool = False) -> list:
-    """[(name, kernel, types, constexprs, options)] for every kernel, in launch order: the ring's hot
-    path variant of each, or with `all_variants` every causal/varlen/resume-or-accumulate variant."""
-    return (attention_fwd.aot_specs(dtype, head_dim, all_variants)
-            + attention_bwd.aot_specs(dtype, head_dim, all_variants))
+
+def kernel_specs(dtype: str, head_dim: int, all_variants: bool = False, arch: int = 90) -> list:
+    """[(name, kernel, types, constexprs, options)] for every kernel, in launch order, with `arch`'s
+    configs: the ring's hot path variant of each and its non-causal twin, or with `all_variants` every
+    causal/varlen/resume-or-accumulate variant."""
+    return (attention_fwd.aot_specs(dtype, head_dim, all_variants, arch)
+            + attention_bwd.aot_specs(dtype, head_dim, all_variants, arch))
 
 
 def kernel_names(all_variants: bool = False) -> list[str]:
@@ -65,19 +82,23 @@ def _signature(kernel, types: dict, constexprs: dict):
     return signature, attrs
 
 
-def _resource_usage(cubin: bytes) -> tuple[int, int]:
-    """(registers per thread, stack + local bytes per thread) of the single kernel in `cubin`."""
+def ptxas_report(ptx: str, arch: int) -> tuple[int, int, tuple]:
+    """(registers per thread, spill store + load bytes per thread, performance notes) of the single
+    kernel in `ptx`, from `ptxas -v` run with triton's flags."""
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        text = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", path], check=True,
-                              capture_output=True, text=True).stdout
-    found = {key: re.search(rf"\b{key}:(\d+)", text) for key in ("REG", "STACK", "LOCAL")}
-    if not all(found.values()):
-        raise RuntimeError(f"could not read the resource usage from cuobjdump:\n{text}")
-    regs, stack, local = (int(found[key].group(1)) for key in ("REG", "STACK", "LOCAL"))
-    return regs, stack + local
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [triton.knobs.nvidia.ptxas.path, "-v", "-lineinfo", "--regAllocOptLevel=2", f"--gpu-name={gpu}",
+               src, "-o", os.path.join(tmp, "kernel.cubin")]
+        log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if not (regs and spills):
+        raise RuntimeError(f"could not read registers and spills from the ptxas log:\n{log}")
+    notes = tuple(line.split(":", 1)[-1].strip() for line in log.splitlines() if re.search(r"\(C\d{4}\)", line))
+    return int(regs.group(1)), int(spills.group(1)) + int(spills.group(2)), notes
 
 
 def compile_kernel(name: str, arch: int, dtype: str, head_dim: int) -> AotResult:
@@ -86,7 +107,7 @@ def compile_kernel(name: str, arch: int, dtype: str, head_dim: int) -> AotResult
     if attention_fwd.process_interprets():
         raise RuntimeError("this process imported triton with TRITON_INTERPRET=1, where kernels cannot be "
                            "compiled; run the AOT compile in a process without it")
-    specs = {spec[0]: spec for spec in kernel_specs(dtype, head_dim, all_variants=True)}
+    specs = {spec[0]: spec for spec in kernel_specs(dtype, head_dim, all_variants=True, arch=arch)}
     if name not in specs:
         raise ValueError(f"unknown kernel {name!r}; choose one of {sorted(specs)}")
     _, kernel, types, constexprs, options = specs[name]
@@ -95,14 +116,17 @@ def compile_kernel(name: str, arch: int, dtype: str, head_dim: int) -> AotResult
     src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=triton.backends.compiler.GPUTarget("cuda", arch, 32),
                               options=dict(options))
-    regs, local = _resource_usage(compiled.asm["cubin"])
-    return AotResult(name, arch, dtype, head_dim, regs, local // 4, compiled.metadata.shared,
-                     time.perf_counter() - start)
+    regs, spills, notes = ptxas_report(compiled.asm["ptx"], arch)
+    block = "x".join(str(constexprs[key]) for key in ("BLOCK_M", "BLOCK_N") if key in constexprs)
+    return AotResult(name, arch, dtype, head_dim, regs, spills, compiled.metadata.shared, options["num_stages"],
+                     options["num_warps"], block, notes, time.perf_counter() - start)
 
 
 def format_row(r: AotResult) -> str:
-    return (f"{r.name:<36} sm_{r.arch:<3} {r.dtype:<5} {r.head_dim:>4} {r.n_regs:>5} {r.n_spills:>7} "
-            f"{r.shared:>8} {r.seconds:>6.1f}")
+    verdict = "FAIL: " + "; ".join(r.problems) if r.problems else "ok"
+    return (f"{r.name:<36} sm_{r.arch:<3} {r.dtype:<5} {r.head_dim:>4} {r.block:>7} {r.warps:>5} {r.stages:>6} "
+            f"{r.n_regs:>5} {r.n_spills:>7} {r.shared:>8} {r.seconds:>6.1f}  {verdict}")
 
 
-HEADER = f"{'kernel':<36} {'arch':<6} {'dtype':<5} {'D':>4} {'regs':>5} {'spills':>7} {'shared':>8} {'sec':>6}"
+HEADER = (f"{'kernel':<36} {'arch':<6} {'dtype':<5} {'D':>4} {'tile':>7} {'warps':>5} {'stages':>6} {'regs':>5} "
+          f"{'spills':>7} {'shared':>8} {'sec':>6}  verdict")

@@ -30,6 +30,7 @@ from .attention_fwd import (
     LOG2E,
     block_d,
     compiled_form,
+    device_arch,
     device_guard,
     dot_options,
     nonempty,
@@ -125,43 +126,50 @@ def _attn_bwd_dkdv_kernel(
 
     # Keys past k_len were loaded as zeros: they only feed dK/dV rows that are never stored, so the
     # loops mask only what changes stored values: the causal triangle (query i sees key j <= i).
+    # Causal: query tiles [lo, diag_end) cross the diagonal and are masked (BLOCK_N is a multiple of
+    # BLOCK_M, so they are the first BLOCK_N / BLOCK_M tiles); the rest run in a second loop with no
+    # mask code (two phases unrolled at compile time, as in the forward).
     lo = 0
+    diag_end = 0
     if CAUSAL:
         lo = block * BLOCK_N
+        diag_end = tl.minimum(q_len, lo + BLOCK_N)
     for g in range(0, group):
         h = kvh * group + g
         q_base = Q + b64 * stride_qb + h * stride_qh
         do_base = DO + (b64 * seqlen_q * num_heads + h) * HEAD_DIM
         row_base = (b64 * num_heads + h) * seqlen_q + q_start
-        for start_m in range(lo, q_len, BLOCK_M):
-            offs_m = start_m + offs_m0
-            m_ok = offs_m < q_len
-            q_rows = (q_start + offs_m).to(tl.int64)
-            q_mask = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + q_rows[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(do_base + q_rows[:, None] * (num_heads * HEAD_DIM) + offs_d[None, :],
-                         mask=q_mask, other=0.0)
-            # Rows past q_len read lse = +inf: their probabilities are exactly 0.
-            lse2 = tl.load(LseLog2 + row_base + offs_m, mask=m_ok, other=float("inf"))
-            delta = tl.load(Delta + row_base + offs_m, mask=m_ok, other=0.0)
-            do = do.to(Q.dtype.element_ty)
-            if DOT_F32:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-            p_t = tl.exp2(s_t - lse2[None, :])
-            if CAUSAL:
-                if start_m < block * BLOCK_N + BLOCK_N - 1:
+        for unmasked in tl.static_range(1 - CAUSAL, 2):  # non-causal: the unmasked phase alone
+            lo_m = lo + unmasked * (diag_end - lo)
+            hi_m = diag_end + unmasked * (q_len - diag_end)
+            for start_m in range(lo_m, hi_m, BLOCK_M):
+                offs_m = start_m + offs_m0
+                m_ok = offs_m < q_len
+                q_rows = (q_start + offs_m).to(tl.int64)
+                q_mask = m_ok[:, None] & d_ok[None, :]
+                q = tl.load(q_base + q_rows[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
+                do = tl.load(do_base + q_rows[:, None] * (num_heads * HEAD_DIM) + offs_d[None, :],
+                             mask=q_mask, other=0.0)
+                # Rows past q_len read lse = +inf: their probabilities are exactly 0.
+                lse2 = tl.load(LseLog2 + row_base + offs_m, mask=m_ok, other=float("inf"))
+                delta = tl.load(Delta + row_base + offs_m, mask=m_ok, other=0.0)
+                do = do.to(Q.dtype.element_ty)
+                if DOT_F32:
+                    q = q.to(tl.float32)
+                    do = do.to(tl.float32)
+                s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+                p_t = tl.exp2(s_t - lse2[None, :])
+                if not unmasked:
                     p_t = tl.where(offs_n[:, None] <= offs_m[None, :], p_t, 0.0)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            p_lo = p_t.to(Q.dtype.element_ty)
-            ds_lo = ds_t.to(Q.dtype.element_ty)
-            if DOT_F32:
-                p_lo = p_lo.to(tl.float32)
-                ds_lo = ds_lo.to(tl.float32)
-            dv += tl.dot(p_lo, do, input_precision=PRECISION)
-            dk += tl.dot(ds_lo, q, input_precision=PRECISION)
+                dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+                ds_t = p_t * (dp_t - delta[None, :])
+                p_lo = p_t.to(Q.dtype.element_ty)
+                ds_lo = ds_t.to(Q.dtype.element_ty)
+                if DOT_F32:
+                    p_lo = p_lo.to(tl.float32)
+                    ds_lo = ds_lo.to(tl.float32)
+                dv += tl.dot(p_lo, do, input_precision=PRECISION)
+                dk += tl.dot(ds_lo, q, input_precision=PRECISION)
 
     dk = dk * sm_scale
     g_rows = ((b64 * seqlen_k + k_start + offs_n) * num_kv_heads + kvh) * HEAD_DIM
@@ -231,28 +239,34 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # Keys past k_len load as zeros and so add nothing to dS K; only the causal triangle is masked.
+    # Causal: key tiles [0, full) lie left of the diagonal for every row of this block and run in a
+    # loop with no mask code; [full, hi) cross it (two phases unrolled at compile time).
     hi = k_len
+    full = k_len
     if CAUSAL:
         hi = tl.minimum(k_len, (block + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        kv_rows = (k_start + offs_n).to(tl.int64)
-        kv_mask = (offs_n < k_len)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + kv_rows[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + kv_rows[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.exp2(s - lse2[:, None])
-        if CAUSAL:
-            if start_n + BLOCK_N - 1 > block * BLOCK_M:
+        full = tl.minimum(hi, ((block * BLOCK_M + 1) // BLOCK_N) * BLOCK_N)
+    for masked in tl.static_range(1 + CAUSAL):  # non-causal: the unmasked phase alone
+        lo_n = masked * full
+        hi_n = full + masked * (hi - full)
+        for start_n in range(lo_n, hi_n, BLOCK_N):
+            offs_n = start_n + offs_n0
+            kv_rows = (k_start + offs_n).to(tl.int64)
+            kv_mask = (offs_n < k_len)[:, None] & d_ok[None, :]
+            k = tl.load(k_base + kv_rows[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + kv_rows[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+            if DOT_F32:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            p = tl.exp2(s - lse2[:, None])
+            if masked:
                 p = tl.where(offs_n[None, :] <= offs_m[:, None], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = (p * (dp - delta[:, None])).to(Q.dtype.element_ty)
-        if DOT_F32:
-            ds = ds.to(tl.float32)
-        dq += tl.dot(ds, k, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = (p * (dp - delta[:, None])).to(Q.dtype.element_ty)
+            if DOT_F32:
+                ds = ds.to(tl.float32)
+            dq += tl.dot(ds, k, input_precision=PRECISION)
 
     dq = dq * sm_scale
     dq_ptrs = DQ + g_rows[:, None] + offs_d[None, :]
@@ -266,15 +280,17 @@ def _attn_bwd_dq_kernel(
 # ---------------------------------------------------------------------------------------------------
 
 
-def bwd_config(head_dim: int, interpreted: bool, fp32: bool = False) -> dict:
-    """Tile sizes per kernel; fixed (not autotuned) so AOT reports what runs.
+def bwd_config(head_dim: int, interpreted: bool, fp32: bool = False, arch: int = 80) -> dict:
+    """Tile sizes per kernel, architecture and head dim; fixed (not autotuned) so AOT reports what runs.
 
     dK/dV keeps two (BLOCK_N, D) float32 accumulators and wants long key tiles with short query
-    tiles; dQ is the mirror image. Chosen so that no variant spills on sm_80 or sm_90 in fp16/bf16
-    (`scripts/aot_triton.py --variants` prints registers and spills): with 4 warps, dK/dV spilled at
-    both head dims; at D = 128, 128-key dK/dV tiles and 128-row dQ tiles spilled (sm_80). float32
-    inputs (tests, the 1e-5 contract) get smaller tiles; their dK/dV at D = 64 still spills a few
-    words.
+    tiles (BLOCK_N a multiple of BLOCK_M: the masked diagonal tiles are then the first ones); dQ is
+    the mirror image. The largest tiles found with no spill in any fp16/bf16 variant
+    (`scripts/aot_triton.py --variants` prints registers and spills). sm_90: dQ in 128-row tiles at
+    both head dims with 3 stages; dK/dV at D = 128 takes 16-row query tiles (32 spilled 12 bytes with
+    2 stages). sm_80: 128-row dQ tiles spill at D = 128 (mma.sync needs more registers than wgmma),
+    so 64. float32 inputs (tests, the 1e-5 contract) get smaller tiles; their dK/dV at D = 64 still
+    spills a few words.
     """
     def cfg(block_m, block_n, warps, stages):
         return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
@@ -285,6 +301,10 @@ def bwd_config(head_dim: int, interpreted: bool, fp32: bool = False) -> dict:
     small_d = block_d(head_dim) <= 64
     if fp32:
         return {"pre": pre, "dkdv": cfg(32, 64, 8, 2), "dq": cfg(64, 32, 8, 2) if small_d else cfg(32, 32, 4, 2)}
+    if arch == 90:
+        if small_d:
+            return {"pre": pre, "dkdv": cfg(32, 128, 8, 3), "dq": cfg(128, 64, 8, 3)}
+        return {"pre": pre, "dkdv": cfg(16, 64, 8, 2), "dq": cfg(128, 32, 8, 3)}
     if small_d:
         return {"pre": pre, "dkdv": cfg(32, 128, 8, 2), "dq": cfg(128, 32, 8, 2)}
     return {"pre": pre, "dkdv": cfg(32, 64, 8, 2), "dq": cfg(64, 64, 8, 2)}
@@ -332,7 +352,9 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
     assert lse.dtype == torch.float32
     device = q.device
     interpreted = runs_interpreted(device)
-    cfg = bwd_config(head_dim, interpreted, fp32=q.dtype == torch.float32)
+    arch = 80 if interpreted else device_arch(device)
+    cfg = bwd_config(head_dim, interpreted, fp32=q.dtype == torch.float32, arch=arch)
+    assert cfg["dkdv"]["BLOCK_N"] % cfg["dkdv"]["BLOCK_M"] == 0, "dK/dV masks the first BLOCK_N // BLOCK_M tiles"
     dots = dot_options(q.dtype, interpreted)
     bd = block_d(head_dim)
     group = num_heads // num_kv_heads
@@ -385,14 +407,14 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
             BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], **common, **_launch_opts(c))
 
 
-def aot_specs(dtype: str, head_dim: int, all_variants: bool = False):
+def aot_specs(dtype: str, head_dim: int, all_variants: bool = False, arch: int = 90):
     """What `aot.py` compiles for this file: [(name, kernel, signature types, constexprs, options)].
 
     By default the ring's hot path: causal, dense, accumulating into running gradients, dout in the
-    input dtype; with `all_variants` every (causal, varlen, accumulate) combination of dK/dV and dQ.
-    Scalars not named in the types map are int32.
+    input dtype, and its non-causal twin; with `all_variants` every (causal, varlen, accumulate)
+    combination of dK/dV and dQ. Scalars not named in the types map are int32.
     """
-    cfg = bwd_config(head_dim, interpreted=False, fp32=dtype == "fp32")
+    cfg = bwd_config(head_dim, interpreted=False, fp32=dtype == "fp32", arch=arch)
     bd = block_d(head_dim)
     io = f"*{dtype}"
     pre_types = {"Out": io, "DO": io, "Lse": "*fp32", "Delta": "*fp32", "LseLog2": "*fp32"}

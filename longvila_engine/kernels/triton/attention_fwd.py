@@ -202,41 +202,48 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Keys [0, hi) can be visible; tiles below `full` are visible to every row of the block, so only
-    # the last tiles (sequence end, causal diagonal) pay for the mask.
+    # Keys [0, hi) can be visible; tiles below `full` are visible to every row of the block. Two
+    # phases (unrolled at compile time): the unmasked tiles first, in a loop with no mask code at all,
+    # then the few masked ones (sequence end, causal diagonal). One loop with a branch on the mask
+    # costs registers and, on sm_90, can keep the pipeliner from overlapping loads with wgmma.
     hi = k_len
     full = (k_len // BLOCK_N) * BLOCK_N
     if CAUSAL:
         hi = tl.minimum(k_len, (block + 1) * BLOCK_M)
         full = tl.minimum(full, ((block * BLOCK_M + 1) // BLOCK_N) * BLOCK_N)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_ok = offs_n < k_len
-        kv_rows = (k_start + offs_n).to(tl.int64)
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + kv_rows[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + kv_rows[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if start_n >= full:
-            keep = n_ok[None, :]
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None])
-            s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen only masked keys keeps m = -inf; subtracting 0 instead keeps exp2 at 0
-        # rather than NaN (-inf - -inf).
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        p = p.to(v.dtype)
-        if DOT_F32:
-            p = p.to(tl.float32)
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
-        m_i = m_new
+    for masked in tl.static_range(2):
+        lo_n = masked * full
+        hi_n = full + masked * (hi - full)
+        for start_n in range(lo_n, hi_n, BLOCK_N):
+            offs_n = start_n + offs_n0
+            kv_rows = (k_start + offs_n).to(tl.int64)
+            if masked:
+                kv_mask = (offs_n < k_len)[:, None] & d_ok[None, :]
+            else:
+                kv_mask = d_ok[None, :]
+            k = tl.load(k_base + kv_rows[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + kv_rows[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+            if DOT_F32:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            if masked:
+                keep = (offs_n < k_len)[None, :]
+                if CAUSAL:
+                    keep = keep & (offs_n[None, :] <= offs_m[:, None])
+                s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row that has seen only masked keys keeps m = -inf; subtracting 0 instead keeps exp2 at
+            # 0 rather than NaN (-inf - -inf).
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            p = p.to(v.dtype)
+            if DOT_F32:
+                p = p.to(tl.float32)
+                v = v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+            m_i = m_new
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -269,22 +276,42 @@ def _attn_fwd_kernel(
 # ---------------------------------------------------------------------------------------------------
 
 
-def fwd_config(head_dim: int, interpreted: bool, fp32: bool = False) -> dict:
-    """Tile sizes and launch settings. Fixed, not autotuned, so AOT reports what runs.
+_ARCHS: dict = {}
+
+
+def device_arch(device: torch.device) -> int:
+    """The config family for a CUDA device: 90 for Hopper (sm_90, wgmma), else 80 (mma.sync tiles,
+    also used on newer GPUs until they get their own table)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _ARCHS:
+        _ARCHS[index] = 90 if torch.cuda.get_device_capability(index)[0] == 9 else 80
+    return _ARCHS[index]
+
+
+def fwd_config(head_dim: int, interpreted: bool, fp32: bool = False, arch: int = 80) -> dict:
+    """Tile sizes and launch settings per architecture and head dim. Fixed, not autotuned, so AOT
+    reports what runs.
 
     Interpreted runs use 32x32 tiles: each tile op costs Python time there (16x16 tiles ran twice as
     long), and sequences of 33-70 rows still cross several tiles (partial tiles, the causal diagonal,
-    the unmasked fast path). GPU tiles were chosen so that no variant spills on sm_80 or sm_90
-    (`scripts/aot_triton.py --variants`); float32 inputs (tests, the 1e-5 contract) need smaller ones.
+    the unmasked fast path). GPU tiles are the largest found that do not spill in any variant
+    (`scripts/aot_triton.py --variants`), with 3 stages so the loads of the next K/V tiles are in
+    flight while the current ones are multiplied: on sm_90, 128x128 tiles at D = 64 (174 registers)
+    and 128x64 at D = 128 (244); on sm_80 mma.sync needs more registers, so D = 128 takes 128x32
+    (128x64 spilled there). float32 inputs (tests, the 1e-5 contract) need smaller tiles.
     """
     if interpreted:
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 1, "num_stages": 1}
     small_d = block_d(head_dim) <= 64
     if fp32:
         return {"BLOCK_M": 64, "BLOCK_N": 64 if small_d else 32, "num_warps": 8, "num_stages": 2}
+    if arch == 90:
+        if small_d:
+            return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
     if small_d:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
 
 
 def attention_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, resume):
@@ -318,7 +345,8 @@ def _launch_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, ca
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
     assert out.is_contiguous() and lse.is_contiguous()
     interpreted = runs_interpreted(q.device)
-    cfg = fwd_config(head_dim, interpreted, fp32=q.dtype == torch.float32)
+    arch = 80 if interpreted else device_arch(q.device)
+    cfg = fwd_config(head_dim, interpreted, fp32=q.dtype == torch.float32, arch=arch)
     varlen = cu_seqlens_q is not None
     if varlen:
         tile_seq, tile_block, grid0 = segment_tiles(cu_seqlens_q, cfg["BLOCK_M"], seqlen_q)
@@ -344,14 +372,15 @@ def _launch_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, ca
     )
 
 
-def aot_specs(dtype: str, head_dim: int, all_variants: bool = False):
+def aot_specs(dtype: str, head_dim: int, all_variants: bool = False, arch: int = 90):
     """What `aot.py` compiles for this file: [(name, kernel, signature types, constexprs, options)].
 
-    By default the ring's hot path, "attn_fwd": causal, dense (not varlen), resuming a running result;
-    with `all_variants` also every other (causal, varlen, resume) combination, named by its flags.
-    `dtype` is a triton type name ("fp16", "bf16", "fp32"). Scalars not in the types map are int32.
+    By default the ring's hot path, "attn_fwd": causal, dense (not varlen), resuming a running result,
+    and its non-causal twin "attn_fwd[full]" (the ring's past blocks); with `all_variants` also every
+    other (causal, varlen, resume) combination, named by its flags. `dtype` is a triton type name
+    ("fp16", "bf16", "fp32"); `arch` picks the config family. Scalars not in the types map are int32.
     """
-    cfg = fwd_config(head_dim, interpreted=False, fp32=dtype == "fp32")
+    cfg = fwd_config(head_dim, interpreted=False, fp32=dtype == "fp32", arch=arch)
     kernel = compiled_form(_attn_fwd_kernel)
     types = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "Out": "*fp32", "Lse": "*fp32",
              "CuQ": "*i32", "CuK": "*i32", "TileSeq": "*i32", "TileBlock": "*i32", "qk_scale": "fp32"}
@@ -367,10 +396,11 @@ def aot_specs(dtype: str, head_dim: int, all_variants: bool = False):
 
 
 def variant_flags(all_variants: bool):
-    """(CAUSAL, VARLEN, RESUME-or-ACCUMULATE) combinations: the ring's hot path first."""
+    """(CAUSAL, VARLEN, RESUME-or-ACCUMULATE) combinations: the ring's hot path (the causal diagonal
+    block) and its non-causal twin (every past block) first."""
     hot = (True, False, True)
     if not all_variants:
-        return [hot]
+        return [hot, (False, False, True)]
     return [hot] + [f for f in ((c, v, r) for c in (True, False) for v in (False, True) for r in (True, False))
                     if f != hot]
 
