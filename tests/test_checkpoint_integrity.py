@@ -10,12 +10,19 @@ On 4 gloo ranks (a pool):
 - `verify_checkpoint` / `latest_intact_checkpoint` name a truncated and an altered file and fall back
   to the newest intact step; `load_checkpoint` on a damaged step raises a ValueError naming the file.
 
-With the trainer (torchrun, 4 ranks): the newest step damaged -> `--resume` says which file is bad
-and resumes from the previous step; every step damaged -> every rank exits non-zero with that
-message, within the collective timeout (no hang).
+With the trainer (ranks started by hand, so every rank's exit code is seen): tp2 x ring2 with FSDP
+starts from a Hugging Face directory (`--init-from`), prints the per-rank bytes line, saves every
+step and writes `--export-hf`, which transformers loads and which equals what
+`python -m longvila_engine.export` writes from the last step. Then, on 2 ranks: the newest step
+damaged -> `--resume` says which file is bad and resumes from the previous step; every step damaged
+-> every rank exits non-zero with that message, within the collective timeout (no hang).
 """
 
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -138,3 +145,99 @@ def test_fsdp_checkpoint_round_trip_across_layouts(pool, tmp_path):
     path, skipped = latest_intact_checkpoint(root)
     assert path is None and len(skipped) == 2 and "altered" in skipped[1][1]
     assert os.path.basename(target) in skipped[1][1]
+
+
+# --- the trainer: --init-from, --export-hf, damaged checkpoints, python -m longvila_engine.export ------
+TRAIN_TIMEOUT_S = 30  # --timeout of every process group in these runs
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args, log_dir, world=4, limit=240):
+    """Start `world` trainer ranks with torchrun's environment (no launcher), wait for all of them.
+
+    Returns ([exit code per rank], [log text per rank]); a rank still running at `limit` is killed
+    and reported as None (a hang)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                        LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        log = open(os.path.join(log_dir, f"rank{rank}.log"), "w")
+        cmd = [sys.executable, "-m", "longvila_engine.train", "--seq-len", "40", "--batch", "2", "--lr", "1e-2",
+               "--attention-backend", "reference", "--no-progress", "--timeout", str(TRAIN_TIMEOUT_S), *args]
+        procs.append((subprocess.Popen(cmd, cwd=ROOT, env=rank_env, stdout=log, stderr=subprocess.STDOUT), log))
+    codes = []
+    deadline = time.monotonic() + limit
+    for proc, log in procs:
+        try:
+            codes.append(proc.wait(timeout=max(deadline - time.monotonic(), 1)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            codes.append(None)
+        log.close()
+    texts = []
+    for rank in range(world):
+        with open(os.path.join(log_dir, f"rank{rank}.log")) as f:
+            texts.append(f.read())
+    return codes, texts
+
+
+def test_trainer_init_from_hf_export_and_damaged_resume(tmp_path):
+    import transformers
+
+    hf_dir, ck, out = str(tmp_path / "hf"), str(tmp_path / "ck"), str(tmp_path / "exported")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                      tie_word_embeddings=False)  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(hf_dir, max_shard_size="20KB")
+    common = ["--init-from", hf_dir, "--checkpoint-dir", ck]
+    # 1. FSDP (auto: dp_sp = 2) from the HF weights, 3 steps, a checkpoint each, exported at the end.
+    logs = tmp_path / "run1"
+    logs.mkdir()
+    codes, texts = _launch(
+        ["--tp", "2", "--ring", "2", *common, "--steps", "3", "--save-every", "1", "--export-hf", out], str(logs)
+    )
+    assert codes == [0, 0, 0, 0], texts
+    assert "per-rank state (FSDP2-sharded over dp_sp)" in texts[0], texts[0]
+    back = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert sorted(f for f in os.listdir(ck) if f.startswith("step_")) == [f"step_0000000{i}" for i in (1, 2, 3)]
+    # The export CLI on the last step writes the same tensors as --export-hf.
+    cli_out = str(tmp_path / "cli")
+    subprocess.run([sys.executable, "-m", "longvila_engine.export", "--checkpoint-dir", ck, "--out", cli_out],
+                   cwd=ROOT, check=True, capture_output=True, timeout=120)  # fmt: skip
+    cli = transformers.AutoModelForCausalLM.from_pretrained(cli_out)
+    for (name, a), (_, b) in zip(back.state_dict().items(), cli.state_dict().items()):
+        assert torch.equal(a, b), name
+    # 2. Newest step damaged (truncated file): resumes from step 2, naming the file. Checkpoints are
+    # layout-free, so 2 ranks (tp2, no FSDP) are enough here and below.
+    newest = os.path.join(ck, "step_00000003")
+    victim = sorted(f for f in os.listdir(newest) if f.endswith(".distcp"))[0]
+    with open(os.path.join(newest, victim), "r+b") as f:
+        f.truncate(5)
+    logs = tmp_path / "run2"
+    logs.mkdir()
+    codes, texts = _launch(["--tp", "2", *common, "--steps", "3", "--resume", "latest"], str(logs), world=2)
+    assert codes == [0, 0], texts
+    assert victim in texts[0] and "truncated" in texts[0], texts[0]
+    assert "resumed from" in texts[0] and "step_00000002 at step 2" in texts[0], texts[0]
+    # 3. Every step damaged: every rank fails with the message, exit non-zero, no hang.
+    for step in ("step_00000001", "step_00000002", "step_00000003"):
+        meta = os.path.join(ck, step, "meta.json")
+        with open(meta, "a") as f:
+            f.write("garbage")
+    logs = tmp_path / "run3"
+    logs.mkdir()
+    codes, texts = _launch(["--tp", "2", *common, "--steps", "4", "--resume", "latest"], str(logs), world=2,
+                           limit=120)
+    assert all(c not in (0, None) for c in codes), (codes, texts)
+    for text in texts:
+        assert "no intact checkpoint to resume from" in text and "meta.json is damaged" in text, text
