@@ -75,3 +75,27 @@ def _bad_generate(layout):
 def test_bad_arguments_raise_everywhere(pool):
     messages = pool.run(_bad_generate, LAYOUTS["ring2_ulysses2"])
     assert all(m and "max_new_tokens" in m for m in messages)
+
+
+def test_cache_is_preallocated_written_in_place_and_no_hooks(monkeypatch):
+    import importlib
+
+    gen = importlib.import_module("longvila_engine.inference.generate")  # the module, not the function
+    made = []
+
+    class RecordingCache(gen.KVCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append((self, self.k.data_ptr(), self.v.data_ptr()))
+
+    def no_hooks(*args, **kwargs):
+        raise AssertionError("generate must not install forward hooks")
+
+    monkeypatch.setattr(gen, "KVCache", RecordingCache)
+    monkeypatch.setattr(torch.nn.Module, "register_forward_hook", no_hooks)
+    ids, frames, _ = _sample(7, SEVEN)
+    out = generate(_build(None), ids, frames, None, NEW)
+    (cache, k_ptr, v_ptr), = made
+    prompt_len = int((ids != IMG).sum()) + 4 * int((ids == IMG).sum())
+    assert (cache.k.data_ptr(), cache.v.data_ptr()) == (k_ptr, v_ptr)  # never reallocated
+    assert cache.length == out.kv_tokens[0] == prompt_len + NEW - 1 <= cache.capacity

@@ -73,10 +73,9 @@ def _check(model, groups, input_ids, max_new_tokens):
 def _prefill(model, h, plan, max_new_tokens, backend):
     """The language model on the shard, storing each layer's K/V of real positions in a new cache."""
     lm = model.language_model
-    attn = lm.layers[0].attn
     keep = torch.nonzero(plan.shard < plan.seq_len).flatten().to(h.device)  # padding rows are not cached
     capacity = keep.numel() + -(-max_new_tokens // model.sp_size)
-    cache = KVCache(len(lm.layers), capacity, attn.num_kv_local, attn.head_dim, model.groups, dtype=h.dtype,
+    cache = KVCache(len(lm.layers), capacity, lm.num_kv_heads_local, lm.config.head_dim, model.groups, dtype=h.dtype,
                     device=h.device, backend=backend)
     cache.start_prefill(keep)
     hidden = model.language_model_hidden(h, plan, kv_cache=cache)
@@ -120,7 +119,7 @@ def generate(model: VisionLanguageModel, input_ids: torch.Tensor, frames=None, g
     groups = model.groups
     lm = model.language_model
     if backend is None:
-        backend = lm.layers[0].attn.backend if len(lm.layers) else "auto"
+        backend = lm.attention_backend
     h, plan = model.embed_shard(input_ids.reshape(-1), frames)
     hidden, cache = _prefill(model, h, plan, max_new_tokens, backend)
     # The last prompt token lives on one rank: it computes the first logits and broadcasts them.

@@ -322,6 +322,7 @@ class Transformer(nn.Module):
             raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}")
         groups = as_groups(groups, device)  # None: one process (ParallelGroups.single)
         self.config, self.groups, self.scheme = config, groups, scheme
+        self.attention_backend = attention_backend
         self.tp_sequence_parallel = bool(tp_sequence_parallel) and axis_size(groups) > 1
         self.activation_checkpointing = activation_checkpointing
         self.ce_chunk_size, self.ignore_index = ce_chunk_size, ignore_index
@@ -347,6 +348,8 @@ class Transformer(nn.Module):
             )
             for _ in range(config.num_layers)
         )
+        # K/V heads this rank attends with (its tp share; what a KV cache holds per layer).
+        self.num_kv_heads_local = self.layers[0].attn.num_kv_local if len(self.layers) else 0
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, groups, sequence_parallel=sp, **kw)
         self.lm_head = ColumnParallelLinear(
             config.hidden_size, config.vocab_size, groups, init_std=config.init_std, **kw
