@@ -11,7 +11,7 @@ AV_VERSION := 18.1.0
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv build test pytest lint cuda-check triton-aot smoke demo demo-text bench bench-net memory-check niah bench-kernels two-nodes soak clean
+.PHONY: venv build test test-steps pytest lint cuda-check cuda-build gpu-check triton-aot smoke demo demo-text bench bench-net memory-check niah bench-kernels two-nodes soak clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -35,22 +35,41 @@ lint: $(STAMP)
 cuda-check:
 	bash scripts/check_cuda.sh
 
+# The whole extension (bindings included) built with nvcc against a pinned CUDA torch in its own venv
+# (build/cuda-venv, ~4.7 GB, kept between runs), imported without a GPU, every op's CUDA kernel checked.
+cuda-build:
+	PY=$(PY) CUDA_TORCH_VERSION=$(TORCH_VERSION) bash scripts/cuda_build.sh
+
+# On a machine with one CUDA GPU (<= 8 min on an H100/H200): pytest -m gpu, kernel TFLOP/s vs SDPA,
+# a bf16 trainer smoke and generate; JSON + markdown under benchmarks/results/gpu_check/. Refuses on CPU.
+gpu-check: build
+	$(VPY) scripts/gpu_check.py
+
 triton-aot: build
 	$(VPY) scripts/aot_triton.py
 
+# Two processes: the Triton-interpreter tests fix triton's mode for their whole process (tests/conftest.py).
 pytest: build
 	$(VPY) -m pytest -q -x tests
+	$(VPY) -m pytest -q -x tests/test_backend_triton.py
 
-# Every benchmark's --smoke size, so none rots (results go to benchmarks/results/*.jsonl).
+# The --smoke size of every benchmark that no test runs (tests/test_bench_*.py run the kernels,
+# strategies and MM-SP sharding smokes), so none rots. Results go to the ignored build/smoke-results,
+# never into the tracked benchmarks/results/*.jsonl.
+SMOKE_RESULTS := build/smoke-results
 smoke: build
-	$(VPY) benchmarks/bench_kernels.py --smoke --no-plot
-	$(VPY) benchmarks/bench_sp_attention.py --smoke
-	$(VPY) benchmarks/bench_strategies.py --smoke
-	$(VPY) benchmarks/bench_mmsp_sharding.py --smoke
-	$(VPY) benchmarks/projection.py --smoke
+	mkdir -p $(SMOKE_RESULTS)
+	$(VPY) benchmarks/bench_sp_attention.py --smoke --results-dir $(SMOKE_RESULTS)
+	$(VPY) benchmarks/projection.py --smoke --out $(SMOKE_RESULTS)/projection.jsonl
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 4 examples/sp_attention.py
 
-test: build lint cuda-check triton-aot pytest smoke
+# Prints its wall time and status at the end, whatever failed.
+test:
+	@start=$$(date +%s); $(MAKE) --no-print-directory test-steps; rc=$$?; \
+	  echo "make test: $$( [ $$rc -eq 0 ] && echo ok || echo FAILED ) in $$(( $$(date +%s) - start )) s wall time"; \
+	  exit $$rc
+
+test-steps: build lint cuda-check triton-aot pytest smoke
 
 # The main job: multimodal training from the command line (mp4 clips, frame folders and text rows; tiny
 # SigLIP + projector + Qwen2) on 4 CPU ranks in the MM-SP 2D layout vs one process, same data.

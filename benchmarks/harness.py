@@ -40,7 +40,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
+# LONGVILA_RESULTS_DIR sends every results file elsewhere (smoke runs: an ignored folder).
+RESULTS_DIR = os.environ.get("LONGVILA_RESULTS_DIR") or os.path.join(REPO_ROOT, "benchmarks", "results")
 
 _state = {"profiler_warm": False}
 # Lines the profiler writes to stderr on every session; anything else it writes is passed through.

@@ -106,3 +106,16 @@ def test_bench_kernels_smoke_subprocess(tmp_path):
     summary = [r for r in rows if r["case"] == "summary"]
     assert len(summary) == 1 and set(summary[0]["targets"]) == {"fwd_bwd", "resume"}
     assert os.path.exists(tmp_path / "bench_kernels_smoke.png")
+
+
+def test_results_dir_follows_the_environment(tmp_path):
+    """LONGVILA_RESULTS_DIR (smoke runs) keeps results files out of the tracked benchmarks/results."""
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import harness; "
+            "r = harness.ResultsFile('envcheck'); r.append({'x': 1}); print(r.path)")
+    env = dict(os.environ, LONGVILA_RESULTS_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == str(tmp_path / "envcheck.jsonl")
+    assert [json.loads(line)["x"] for line in open(tmp_path / "envcheck.jsonl")] == [1]
+    assert not os.path.exists(os.path.join(REPO, "benchmarks", "results", "envcheck.jsonl"))
