@@ -14,7 +14,9 @@ What it models:
 - ring steps as max(compute, transfer) + per-step latency (overlap with a side stream), the
   inter-node hop at the InfiniBand rate when the ring crosses nodes;
 - Ulysses all-to-all and tensor-parallel all-reduces as exposed (not overlapped) time;
-- memory: ZeRO-3-sharded weights and optimizer state plus the activations the engine saves.
+- memory: FSDP2-sharded float32 weights and AdamW state, the activations the engine saves and the
+  step's largest temporaries, by the dry run's categories (`memory_breakdown`, held against
+  longvila_engine/dryrun.py in tests/test_costmodel.py).
 
 What it does not model: pipeline parallelism, data-parallel gradient reduction (overlapped and the
 same for every layout), kernel launch gaps outside the ring, stragglers, or congestion between
@@ -56,7 +58,7 @@ H100 = Hardware(
     name="H100-SXM5",
     peak_bf16=989.4e12,
     peak_fp8=1978.9e12,
-    hbm_bytes=80e9,
+    hbm_bytes=80 * 2**30,
     nvlink_busbw=370e9,
     nvlink_p2p=180e9,
     ib_bw=47e9,
@@ -79,7 +81,7 @@ A100 = Hardware(
     name="A100-SXM4",
     peak_bf16=312e12,
     peak_fp8=312e12,  # no FP8 on A100
-    hbm_bytes=80e9,
+    hbm_bytes=80 * 2**30,
     nvlink_busbw=230e9,
     nvlink_p2p=120e9,
     ib_bw=23.5e9,
@@ -177,7 +179,7 @@ def communication_bytes(model: Model, seq_len: int, strat: Strategy, dtype_bytes
     """Bytes one GPU sends per layer, forward + backward, by collective.
 
     Matches what the engine's counters record: the ring sends its K/V block at the K/V head count
-    (R-1 times forward, R-1 times backward with dK/dV in float32 beside it); Ulysses sends the
+    (R-1 times forward, R-1 times backward, plus R shifts of the float32 dK/dV); Ulysses sends the
     (U-1)/U foreign part of q, k, v, out forward and of their gradients backward; TP all-reduces
     (ring algorithm, 2(t-1)/t of the buffer) the attention and MLP outputs forward and their input
     gradients backward.
@@ -191,14 +193,29 @@ def communication_bytes(model: Model, seq_len: int, strat: Strategy, dtype_bytes
     heads_ring = heads / strat.ulysses
     kv_block = 2 * ring_tokens * kv_heads_ring * d * dtype_bytes
     ring_fwd = (strat.ring - 1) * kv_block
-    ring_bwd = (strat.ring - 1) * (kv_block + kv_block * 4 / dtype_bytes)
+    # Backward: R-1 K/V shifts again, and R shifts of the float32 dK/dV accumulators (they travel with
+    # their K/V; the R-th brings them home). Counted by the engine on the 'ring' axis (test_costmodel).
+    ring_bwd = (strat.ring - 1) * kv_block + (strat.ring * kv_block * 4 / dtype_bytes if strat.ring > 1 else 0)
     u = strat.ulysses
-    a2a_elems = tokens * (2 * heads + 2 * kv_heads) * d * (u - 1) / u
+    # K/V enter the all-to-all at max(H_kv, U) heads: replicated first when U > H_kv.
+    a2a_elems = tokens * (2 * heads + 2 * max(kv_heads, u)) * d * (u - 1) / u
     a2a = 2 * a2a_elems * dtype_bytes  # forward and backward
     t = strat.tp
     tp_allreduce = 4 * (2 * (t - 1) / t) * (seq_len / strat.ring / strat.ulysses) * model.hidden * dtype_bytes
     return {"ring_fwd": ring_fwd, "ring_bwd": ring_bwd, "ring_block": kv_block, "ulysses_a2a": a2a,
             "tp_allreduce": tp_allreduce, "heads_ring": heads_ring, "kv_heads_ring": kv_heads_ring}
+
+
+def tp_head_bytes(model: Model, seq_len: int, strat: Strategy, dtype_bytes: int = 2) -> float:
+    """Bytes one GPU sends on the tp axis per step outside the layers: the vocab-parallel embedding's
+    forward all-reduce and the output head's input-gradient all-reduce (tokens x hidden each), the
+    cross-entropy's per-token max and (sum-exp, target) all-reduces in float32, and the clipping norm's
+    one float32."""
+    t = strat.tp
+    if t == 1:
+        return 0.0
+    tokens = seq_len / (strat.ring * strat.ulysses)
+    return 2 * (t - 1) / t * (2 * tokens * model.hidden * dtype_bytes + 3 * tokens * 4 + 4)
 
 
 def step_time(model: Model, seq_len: int, strat: Strategy, hw: Hardware, cal: Calibration,
@@ -261,29 +278,60 @@ def model_flops(model: Model, seq_len: int, causal_attention: bool = True) -> fl
     return dense + 3 * model.layers * attn_fwd
 
 
-def activation_bytes_per_token(model: Model, dtype_bytes: int = 2) -> float:
-    """Bytes of activations the engine saves per token and layer (no activation checkpointing).
+def activation_bytes_per_token(model: Model, dtype_bytes: int = 2, ulysses: int = 1, tp: int = 1) -> float:
+    """Bytes of activations one decoder layer keeps for backward per local token (no checkpointing).
 
-    What autograd keeps for the backward of one `models.Transformer` layer: both RMSNorm inputs and
-    normalised outputs, q/k/v and the RoPE-rotated q/k, the attention output and its float32
-    log-sum-exp, the O-projection input, the MLP input, the gate and up outputs, silu(gate) and its
-    product with up. Held against measured CPU peaks by benchmarks/memory_check.py.
+    What autograd keeps in one `models.Transformer` layer, checked against the dry run
+    (longvila_engine/dryrun.py, tests/test_costmodel.py): the attention-norm input and output, q/k/v in
+    the ring layout (K/V at max(H_kv, U) heads per token: replicated when U > H_kv), the attention output
+    and its float32 log-sum-exp, the O-projection input, the MLP-norm input and output, gate, up,
+    silu(gate) and their product. RMSNorm keeps its input and a float32 rstd (CUDA's fused kernel); the
+    RoPE rotation keeps nothing (cos/sin are shared by all layers). Heads and FFN columns are per tp rank.
     """
     h, d = model.hidden, model.head_dim
-    norms = 2 * h + 2 * h
-    attention = h + (model.heads + 2 * model.kv_heads) * d + (model.heads + model.kv_heads) * d + model.heads * d + h
-    mlp = h + 4 * model.ffn
-    return (norms + attention + mlp) * dtype_bytes + 4 * model.heads
+    heads, kv = model.heads / tp, model.kv_heads / tp
+    kv_saved = max(kv, ulysses) if ulysses > 1 else kv
+    norms = 4 * h
+    attention = (heads + 2 * kv_saved) * d + 2 * heads * d
+    mlp = 4 * model.ffn / tp
+    return (norms + attention + mlp) * dtype_bytes + 4 * heads + 8
+
+
+def memory_breakdown(model: Model, seq_len: int, strat: Strategy, dp: int = 1, dtype_bytes: int = 2,
+                     ce_chunk_bytes: int = 1 << 28) -> dict:
+    """Peak bytes per GPU by the dry run's categories, at the start of backward (where it peaks).
+
+    FSDP2 over dp*ring*ulysses ranks of float32 master weights (params 4 B, AdamW 8 B per parameter of
+    this tp rank, gradients not yet reduce-scattered: 0 at the peak); activations of seq_len/(ring*U)
+    tokens in every layer plus the embedding output and final-norm input; temporaries: the root's
+    gathered embedding and head (compute dtype; kept from forward to backward), one block's all-gather
+    buffer, the head's weight gradient in compute dtype and its float32 copy for the reduce-scatter, two
+    chunks of float32 logits (`ce_chunk_bytes`, the cross-entropy's ~256 MB chunk) and the float32
+    gradient of the final hidden states.
+    """
+    shard = dp * strat.ring * strat.ulysses
+    tp = strat.tp
+    params_rank = model.params / tp
+    tokens = seq_len / (strat.ring * strat.ulysses)
+    h, v = model.hidden, model.vocab / tp
+    acts = model.layers * tokens * activation_bytes_per_token(model, dtype_bytes, strat.ulysses, tp)
+    acts += tokens * (2 * h * dtype_bytes + 2 * model.head_dim * 4 + 24)
+    temps = (2 * v * h + h) * dtype_bytes + model.params_per_layer / tp * dtype_bytes
+    temps += v * h * (dtype_bytes + 4) + 2 * ce_chunk_bytes + tokens * h * 4
+    out = {"params": 4 * params_rank / shard, "grads": 0.0, "optimizer": 8 * params_rank / shard,
+           "activations": acts, "temporaries": temps}
+    out["total"] = sum(out.values())
+    return out
 
 
 def memory_per_gpu(model: Model, seq_len: int, gpus: int, dtype_bytes: int = 2, logits_chunk: int = 4096) -> dict:
-    """Peak bytes per GPU: ZeRO-3-sharded state (bf16 weights, fp32 master/grad/Adam: 18 B/param)
-    plus the activations of seq_len/gpus tokens in every layer, plus one chunk of float32 logits."""
-    state = 18 * model.params / gpus
-    tokens = seq_len / gpus
-    acts = model.layers * tokens * activation_bytes_per_token(model, dtype_bytes)
-    logits = min(tokens, logits_chunk) * model.vocab * 4 * 2  # logits and their gradient, one chunk
-    return {"state": state, "activations": acts, "logits": logits, "total": state + acts + logits}
+    """Peak bytes per GPU of MM-SP 2D (ulysses min(8, G), ring G/ulysses) by `memory_breakdown`, with the
+    old keys kept: state (params + optimizer), activations, logits (temporaries), total."""
+    ulysses = min(8, gpus)
+    b = memory_breakdown(model, seq_len, Strategy("MM-SP 2D", ring=gpus // ulysses, ulysses=ulysses),
+                         dtype_bytes=dtype_bytes)
+    return {"state": b["params"] + b["optimizer"] + b["grads"], "activations": b["activations"],
+            "logits": b["temporaries"], "total": b["total"]}
 
 
 def longest_sequence(model: Model, gpus: int, hw: Hardware, usable: float = 0.9) -> int:
