@@ -15,11 +15,12 @@ One step on one rank:
    clipping, AdamW over the trainable parameters only.
 
 Models: the vision tower is transformers' `SiglipVisionModel` (`--vision PATH`, multimodal/hf_vision.py);
-the projector is `MLPProjector` (`--pool 2`: 2 x 2 token merging); the language model is the
-transformers causal LM at `--llm PATH` (Llama, Qwen2, Mistral) made sequence-parallel with
-`integrations.enable_sequence_parallel`. `--freeze vision,llm,projector` (any subset) follows
-LongVILA's stages: stage 1 (alignment) trains the projector only (`--freeze vision,llm`), later stages
-train projector and LLM (`--freeze vision`) or everything.
+the projector is `MLPProjector` (`--pool 2`: 2 x 2 token merging); the language model at `--llm PATH`
+(Llama, Qwen2, Mistral) is the engine `Transformer` via `from_hf` (default, `--tp` allowed) or, with
+`--llm-impl hf`, the transformers model made sequence-parallel by `integrations.enable_sequence_parallel`.
+`--freeze vision,llm,projector` (any subset) follows LongVILA's stages: stage 1 (alignment) trains the
+projector only (`--freeze vision,llm`), later stages train projector and LLM (`--freeze vision`) or
+everything.
 
 Checkpoints (`checkpoint.py`) hold the trainable parameters and their AdamW state; frozen weights are
 read again from `--llm`/`--vision` on resume. The data position is the step (packs are deterministic).
@@ -74,7 +75,10 @@ def _freeze_list(text: str) -> tuple[str, ...]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m longvila_engine.train --task vlm", description=__doc__.split("\n")[0])
-    p.add_argument("--llm", required=True, help="transformers causal LM folder (weights + tokenizer files)")
+    p.add_argument("--llm", required=True, help="Llama/Qwen2/Mistral folder (config, safetensors, tokenizer files)")
+    p.add_argument("--llm-impl", default="engine", choices=["engine", "hf"],
+                   help="engine: longvila_engine Transformer.from_hf (tp allowed); hf: the transformers model "
+                        "with enable_sequence_parallel (tp=1)")
     p.add_argument("--vision", required=True, help="SiglipVisionModel folder with preprocessor_config.json")
     p.add_argument("--data", required=True, help="jsonl file (see longvila_engine/data/vlm_data.py)")
     p.add_argument("--num-frames", type=int, default=8, help="frames sampled uniformly per video")
@@ -89,6 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--freeze", type=_freeze_list, default=(), help="comma list of vision,llm,projector")
     p.add_argument("--ring", type=int, default=1)
     p.add_argument("--ulysses", type=int, default=1)
+    p.add_argument("--tp", type=int, default=1, help="tensor parallelism of the language model (--llm-impl engine)")
     p.add_argument("--dp", type=int, default=None, help="default: world / (ring*ulysses)")
     p.add_argument("--gpus-per-node", type=int, default=None, help="default: LOCAL_WORLD_SIZE")
     p.add_argument("--steps", type=int, default=10)
@@ -97,6 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; 0 disables")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--fsdp", default="auto", choices=["auto", "on", "off"],
+                   help="FSDP2-shard parameters, gradients and AdamW state over dp_sp (fsdp.shard_model: each LLM "
+                        "block a unit; tower, projector, embeddings and head in the root unit); auto: when dp*sp > 1")
     p.add_argument("--data-workers", type=int, default=1, help="DataLoader worker processes (0: decode inline)")
     p.add_argument("--checkpoint-dir", default=None)
     p.add_argument("--save-every", type=int, default=0, help="save after every N steps (0: never)")
@@ -106,7 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a collective gives up")
     p.add_argument("--no-progress", action="store_true", help="no tqdm line")
     args = p.parse_args(argv)
-    for name in ("ring", "ulysses", "seq_len", "steps", "num_frames"):
+    for name in ("ring", "ulysses", "tp", "seq_len", "steps", "num_frames"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.data_workers < 0:
@@ -115,7 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError("--freeze vision,llm,projector leaves nothing to train; drop one of them")
     if args.resume == "latest" and not args.checkpoint_dir:
         raise ValueError("--resume without a path needs --checkpoint-dir")
-    args.tp = 1  # transformers language models run with tp=1 (integrations.hf)
+    if args.tp > 1 and args.llm_impl == "hf":
+        raise ValueError(f"--tp {args.tp} needs --llm-impl engine: transformers models run with tp=1 here")
     return args
 
 
@@ -139,13 +148,20 @@ class TrainableView(nn.Module):
             yield p
 
 
-def _load_llm(path: str, groups, backend: str):
+def _load_llm(args, groups):
+    """The language model at --llm: the engine Transformer (`from_hf`, each rank reading its tp slices)
+    or the transformers model made sequence-parallel."""
     from transformers import AutoModelForCausalLM
 
     from .integrations.hf import enable_sequence_parallel
+    from .models import Transformer
 
+    path, backend = args.llm, args.attention_backend
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"--llm {path}: no config.json there; pass a folder written by save_pretrained")
+    if args.llm_impl == "engine":
+        return Transformer.from_hf(path, groups, max_seq_len=args.seq_len, attention_backend=backend,
+                                   dtype=torch.float32, device=groups.device, seed=args.seed)
     lm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
                                               attn_implementation="eager")
     if getattr(lm.config, "attention_dropout", 0.0):
@@ -163,8 +179,8 @@ def build_vlm(args, groups, image_token_id: int):
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per rank says nothing
     torch.manual_seed(args.seed)
     tower = load_vision_tower(args.vision, feature_layer=args.feature_layer).to(groups.device)
-    lm = _load_llm(args.llm, groups, args.attention_backend)
-    hidden = lm.get_input_embeddings().weight.shape[1]
+    lm = _load_llm(args, groups)
+    hidden = lm.config.hidden_size
     torch.manual_seed(args.seed + 1)  # the projector is the only freshly initialised part: same on every rank
     projector = MLPProjector(tower.hidden_size, hidden, pool=args.pool).to(groups.device)
     for name, module in (("vision", tower), ("llm", lm), ("projector", projector)):
@@ -262,8 +278,17 @@ def train(args, progress: dict | None = None) -> list[dict]:
     progress["rank"] = rank
     image_token_id = VLMData._image_token_id(load_tokenizer(args.llm), args.image_token)
     vlm, tokens_per_frame = build_vlm(args, groups, image_token_id)
+    sharded = args.fsdp == "on" or (args.fsdp == "auto" and groups.dp_sp_size > 1)
+    if sharded:
+        from .fsdp import shard_model
+
+        shard_model(vlm, groups)  # gradients: reduce-scattered over dp_sp and divided by dp in backward
     view = TrainableView(vlm)
     optimizer = build_optimizer(view, args.lr, args.weight_decay)
+    if rank == 0:
+        from .fsdp import format_state_bytes, state_bytes
+
+        print(format_state_bytes(state_bytes(view, optimizer), rank, sharded), file=sys.stderr, flush=True)
     progress["where"] = "indexing the data"
     data = _build_data(args, tokens_per_frame)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
@@ -312,8 +337,9 @@ def train(args, progress: dict | None = None) -> list[dict]:
                 loss = vlm(pack["input_ids"].to(vlm_device), frames, pack["labels"].to(vlm_device),
                            pack["cu_seqlens"])
                 loss.backward()
-                average_gradients(view, groups)
-                norm = clip_grad_norm_(view, args.grad_clip, groups)
+                if not sharded:
+                    average_gradients(view, groups)
+                norm = clip_grad_norm_(vlm if sharded else view, args.grad_clip, groups)
                 optimizer.step()
                 counts = torch.tensor([float(loss.detach()), pack["tokens"],
                                        0 if frames is None else frames.shape[0]], dtype=torch.float64,

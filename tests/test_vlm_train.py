@@ -1,11 +1,12 @@
 """The multimodal trainer as a user runs it: `torchrun -m longvila_engine.train --task vlm ...` on gloo,
 with a tiny random Qwen2, a tiny random SigLIP tower and mp4/frame-folder/text rows (tests/vlm_assets.py).
 
-- MM-SP (ring 2 x ulysses 2, 4 ranks) and one process give the same per-step losses to float32
-  round-off over 30 steps, and the loss falls;
+- MM-SP (ring 2 x ulysses 2, 4 ranks, FSDP2 over the 4 ranks, engine Transformer from the Qwen2
+  folder) and one process give the same per-step losses to float32 round-off over 30 steps, and the
+  loss falls;
 - resume from a checkpoint continues the one-process run bit for bit;
 - a missing video stops every rank with the file and line; `--skip-bad-samples` counts it instead;
-- `--freeze` trains only what is left.
+- `--freeze` trains only what is left (there with the transformers Qwen2, `--llm-impl hf`).
 """
 import json
 import os
@@ -61,6 +62,7 @@ def test_mmsp_matches_one_process_and_loss_falls(runs):
     (rc4, out4, mmsp), (rc1, out1, one) = runs["mmsp"], runs["one"]
     assert rc4 == 0, out4[-3000:]
     assert rc1 == 0, out1[-3000:]
+    assert "FSDP2-sharded over dp_sp" in out4 and "replicated over dp_sp" in out1
     assert len(mmsp) == len(one) == STEPS
     for a, b in zip(mmsp, one):
         assert a["lines"] == b["lines"] and a["frames"] == b["frames"] and a["tokens"] == b["tokens"]
@@ -102,7 +104,7 @@ def test_missing_video_stops_every_rank_with_file_and_line(assets, tmp_path):
 def test_skip_mode_counts_and_freeze_trains_only_the_rest(assets, tmp_path):
     data = _bad_data(assets, tmp_path)
     rc, out, rows = _run(2, [*_common(assets, data), "--steps", "4", "--ring", "2", "--skip-bad-samples",
-                             "--freeze", "vision,llm"], tmp_path, "skip", timeout=240)
+                             "--freeze", "vision,llm", "--llm-impl", "hf"], tmp_path, "skip", timeout=240)
     assert rc == 0, out[-3000:]
     assert rows[-1]["skipped_samples_total"] == 1 and 5 not in rows[1]["lines"]
     assert "skipped" in out and "line 5" in out

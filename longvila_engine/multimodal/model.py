@@ -169,6 +169,13 @@ class VisionLanguageModel(nn.Module):
             raise ValueError(f"language_model must be a longvila_engine Transformer or a transformers causal LM, "
                              f"got {type(language_model).__name__}")
 
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The language model's transformer blocks: the FSDP units of `fsdp.shard_model(vlm, groups)`,
+        whose root unit then holds the vision tower, the projector, the embeddings and the head."""
+        lm = self.language_model
+        return lm.layers if _is_engine(lm) else lm.model.layers
+
     # --- sp geometry -----------------------------------------------------------------------------------
     @property
     def sp_size(self) -> int:
