@@ -582,14 +582,29 @@ def _padded(cfg: DryRunConfig) -> int:
 
 
 # --- depth extrapolation -----------------------------------------------------------------------------------
-def dry_run_extrapolated(cfg: DryRunConfig, depths=(1, 2), *, progress=None) -> dict:
+def dry_run_extrapolated(cfg: DryRunConfig, depths=(2, 3), *, progress=None) -> dict:
     """Measure at two depths and extrapolate every memory category, the FLOPs and the bytes linearly to
-    the preset's depth: value(L) = value(a) + (L - a) * (value(b) - value(a)) / (b - a)."""
-    from .models import get_config
+    the preset's depth: value(L) = value(a) + (L - a) * (value(b) - value(a)) / (b - a).
 
-    full = get_config(cfg.model).num_layers
+    Valid when the peak falls at the same point of the step at both depths (then only per-layer terms
+    differ). Checked: every category that is not per-layer (anything but activations, sharded
+    parameters, optimizer state) must agree between the two runs to 1% of the peak; otherwise (the
+    peak moved, e.g. from backward to the final reduce-scatter when activations are small) the preset's
+    full depth is run instead, and the result says so (`extrapolated_from_layers` absent)."""
+    full = get_preset_depth(cfg)
     a, b = depths
+    if full <= b:
+        return dry_run(dataclasses.replace(cfg, layers=None), progress=progress)
     runs = [dry_run(dataclasses.replace(cfg, layers=d), progress=progress) for d in (a, b)]
+    per_layer = {"Activation", "Sharded Param", "OptState", "Parameter", "Optstate"}
+    da, db = runs[0]["memory"]["detail"], runs[1]["memory"]["detail"]
+    moved = [k for k in set(da) | set(db) if k not in per_layer
+             and abs(da.get(k, 0) - db.get(k, 0)) > 0.01 * runs[1]["memory"]["total"]]
+    if moved:
+        out = dry_run(dataclasses.replace(cfg, layers=None), progress=progress)
+        out["extrapolation_refused"] = sorted(moved)
+        out["wall_s"] += sum(r["wall_s"] for r in runs)
+        return out
 
     def line(va, vb):
         return int(round(va + (full - a) * (vb - va) / (b - a)))
@@ -597,22 +612,27 @@ def dry_run_extrapolated(cfg: DryRunConfig, depths=(1, 2), *, progress=None) -> 
     out = dict(runs[1])
     out["config"] = dict(runs[1]["config"], layers=None, num_layers=full)
     mem = {k: line(runs[0]["memory"][k], runs[1]["memory"][k]) for k in (*CATEGORIES, "total")}
-    mem["detail"] = {k: line(runs[0]["memory"]["detail"].get(k, 0), runs[1]["memory"]["detail"].get(k, 0))
-                     for k in runs[1]["memory"]["detail"]}
+    mem["detail"] = {k: line(da.get(k, 0), db.get(k, 0)) for k in db}
     out["memory"] = mem
+    out["memory_at_start"] = line(runs[0]["memory_at_start"], runs[1]["memory_at_start"])
     out["fits"] = mem["total"] <= USABLE * HBM_BYTES
-    out["flops"] = dict(runs[1]["flops"], total=line(runs[0]["flops"]["total"], runs[1]["flops"]["total"]),
-                        attention_counted=line(runs[0]["flops"]["attention_counted"],
-                                               runs[1]["flops"]["attention_counted"]),
-                        attention_rule=line(runs[0]["flops"]["attention_rule"], runs[1]["flops"]["attention_rule"]),
-                        by_op={})
-    out["bytes"] = {"groups_stats": {k: line(runs[0]["bytes"]["groups_stats"].get(k, 0), v)
-                                     for k, v in runs[1]["bytes"]["groups_stats"].items()},
-                    "fsdp_collectives": {k: line(runs[0]["bytes"]["fsdp_collectives"].get(k, 0), v)
-                                         for k, v in runs[1]["bytes"]["fsdp_collectives"].items()}}
+    fa, fb = runs[0]["flops"], runs[1]["flops"]
+    out["flops"] = dict(fb, total=line(fa["total"], fb["total"]),
+                        attention_counted=line(fa["attention_counted"], fb["attention_counted"]),
+                        attention_rule=line(fa["attention_rule"], fb["attention_rule"]), by_op={})
+    ba, bb = runs[0]["bytes"], runs[1]["bytes"]
+    out["bytes"] = {"groups_stats": {k: line(ba["groups_stats"].get(k, 0), v) for k, v in bb["groups_stats"].items()},
+                    "fsdp_collectives": {k: line(ba["fsdp_collectives"].get(k, 0), v)
+                                         for k, v in bb["fsdp_collectives"].items()}}
     out["extrapolated_from_layers"] = [a, b]
     out["wall_s"] = sum(r["wall_s"] for r in runs)
     return out
+
+
+def get_preset_depth(cfg: DryRunConfig) -> int:
+    from .models import get_config
+
+    return get_config(cfg.model).num_layers
 
 
 # --- cost model ------------------------------------------------------------------------------------------
@@ -726,7 +746,8 @@ def sweep(models=SWEEP_MODELS, seq_lens=SWEEP_SEQ, worlds=SWEEP_WORLDS, *, activ
 
     rows = []
     cases = [(m, s, w) for m in models for s in seq_lens for w in worlds]
-    with tqdm(total=2 * len(cases), desc="dry run sweep", disable=not show_progress, file=sys.stderr) as bar:
+    with tqdm(total=2 * len(cases), desc="dry run sweep (2 depths each)", disable=not show_progress,
+              file=sys.stderr) as bar:
         for model, seq_len, world in cases:
             cfg = DryRunConfig(model=model, seq_len=seq_len, world=world, ring=world // 8, ulysses=8,
                                activation_checkpointing=activation_checkpointing)
@@ -776,7 +797,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=None,
                    help="run this many layers as they are (default: the preset's depth)")
     p.add_argument("--extrapolate", action="store_true",
-                   help="measure at 1 and 2 layers and extrapolate linearly to the preset's depth")
+                   help="measure at 2 and 3 layers and extrapolate linearly to the preset's depth")
     p.add_argument("--sweep", action="store_true", help="the README table (3 models x 4 lengths x 4 worlds)")
     p.add_argument("--json", default=None, help="append one JSON line per dry run")
     args = p.parse_args(argv)
