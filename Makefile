@@ -11,7 +11,7 @@ AV_VERSION := 18.1.0
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv build test test-steps pytest lint cuda-check cuda-build gpu-check triton-aot smoke demo demo-text bench bench-net memory-check niah bench-kernels two-nodes soak clean
+.PHONY: venv build test test-steps pytest lint cuda-check cuda-build gpu-check triton-aot smoke demo demo-text bench bench-net memory-check dryrun niah bench-kernels two-nodes soak clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -91,6 +91,11 @@ bench-net: build
 
 memory-check: build
 	$(VPY) benchmarks/memory_check.py
+
+# Scale dry run: the trainer's step as one rank of a fake world, 3 models x 256K-2M x 8-256 ranks (README table).
+dryrun: build
+	mkdir -p benchmarks/results
+	OMP_NUM_THREADS=1 $(VPY) -m longvila_engine.dryrun --sweep --json benchmarks/results/dryrun.jsonl
 
 # Long-video needle in a haystack: train a tiny VLM on <=16 frames (1 process), then evaluate 8-128
 # frames with sequence-parallel prefill + generation on 2 gloo ranks; JSON and heatmap PNG.
