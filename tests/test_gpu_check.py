@@ -1,0 +1,54 @@
+"""scripts/gpu_check.py on a machine without a GPU: it refuses at once and writes nothing; its report
+renders every step and kernel cell, errors included."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "scripts", "gpu_check.py")
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: gpu-check would run")
+def test_refuses_without_a_gpu(tmp_path):
+    out = tmp_path / "results"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, SCRIPT, "--out", str(out)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "needs a CUDA GPU" in proc.stderr
+    assert not out.exists()
+
+
+def test_markdown_report_lists_steps_and_kernel_cells():
+    mod = _module()
+    result = {
+        "environment": {"date": "2026-01-01T00:00:00+00:00", "device": "NVIDIA H100", "capability": "9.0",
+                        "memory_gib": 79.1, "torch": "2.13.0+cu130", "cuda": "13.0", "cudnn": 91000,
+                        "triton": "3.7.1", "git_sha": "abc1234", "extension_cuda_kernels": True},
+        "pytest": {"ok": False, "runs": [{"cmd": "python -m pytest -q -m gpu tests", "ok": False, "seconds": 12.5,
+                                          "rc": 1, "summary": "1 failed, 40 passed in 12.0s"}]},
+        "kernels": {"ok": True, "rows": [
+            {"seq_len": 4096, "causal": True, "backend": "triton", "fwd_tflops": 300.0, "fwd_bwd_tflops": 200.0},
+            {"seq_len": 4096, "causal": True, "backend": "sdpa_cudnn", "error": "RuntimeError: no kernel"}]},
+        "train": {"ok": True, "seconds": 30.0, "steps_logged": 30, "first_loss": 5.5, "last_loss": 1.0},
+        "ok": False,
+    }
+    text = mod.markdown(result)
+    assert "NVIDIA H100 (sm_90" in text and "git abc1234" in text
+    assert "| NO | 12.5 | 1 failed, 40 passed in 12.0s |" in text
+    assert "30 steps, loss 5.5 -> 1.0" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 4K | yes |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:] == ["300.0; 200.0", "-", "-", "RuntimeError: no kernel"]
+    assert text.rstrip().endswith("overall: FAILED")
