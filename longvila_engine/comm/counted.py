@@ -76,22 +76,21 @@ def all_gather(x: torch.Tensor, groups, axis: str, *, counter: str | None = None
     return out
 
 
+def _into(out, x, groups, axis: str, nbytes: int, collective) -> torch.Tensor:
+    if groups.size(axis) == 1:
+        return out.copy_(x)
+    _run(groups, axis, nbytes, lambda: collective(out, x, groups.group(axis)))
+    return out
+
+
 def all_gather_into(out: torch.Tensor, x: torch.Tensor, groups, axis: str) -> torch.Tensor:
     """Concatenate the ranks' contiguous `x` along dim 0 into `out` (p * x.shape[0] rows); returns out."""
-    p = groups.size(axis)
-    if p == 1:
-        return out.copy_(x)
-    _run(groups, axis, (p - 1) * _nbytes(x), lambda: _all_gather_single(out, x, group=groups.group(axis)))
-    return out
+    return _into(out, x, groups, axis, (groups.size(axis) - 1) * _nbytes(x), _all_gather_single)
 
 
 def reduce_scatter_into(out: torch.Tensor, x: torch.Tensor, groups, axis: str) -> torch.Tensor:
     """Sum the ranks' contiguous `x` and keep this rank's 1/p of dim 0 in `out`; returns out."""
-    p = groups.size(axis)
-    if p == 1:
-        return out.copy_(x)
-    _run(groups, axis, (p - 1) * _nbytes(out), lambda: _reduce_scatter_single(out, x, group=groups.group(axis)))
-    return out
+    return _into(out, x, groups, axis, (groups.size(axis) - 1) * _nbytes(out), _reduce_scatter_single)
 
 
 def all_reduce(x: torch.Tensor, groups, axis: str, op=dist.ReduceOp.SUM) -> torch.Tensor:
