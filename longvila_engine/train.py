@@ -16,8 +16,12 @@ counted once; after the dp_sp reduction every rank computes the same norm.
 
 Faults: every process group has `--timeout`. Any exception on a rank (its own, or a collective that
 failed because a peer died or timed out) is printed with the rank and step, and the process leaves
-with `os._exit(1)` (no teardown that could block on a dead peer); SIGTERM (torchrun stopping the
-others) exits 143 with a message. `--fail-at-step/--fail-rank/--fail-mode` inject faults for tests.
+with `os._exit(1)` (no teardown that could block on a dead peer), naming the collective it was in.
+SIGTERM (preemption, or torchrun stopping the others) stops every rank at the next step boundary with a
+checkpoint and exit 0, or exits 143 after `--preempt-grace`. Under `torchrun --max-restarts N` the
+restarted workers resume by themselves (`--resume auto`, the default) from the newest intact checkpoint,
+data position and RNG included (`elastic.py`). `--fail-at-step/--fail-rank/--fail-mode` inject faults
+for tests, on the first attempt only.
 
 Checkpoints: `checkpoint.py` (dense DCP, atomic publish, re-layout on load).
 """
@@ -36,7 +40,9 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from . import elastic
+from .checkpoint import ensure_optimizer_state, load_checkpoint, save_checkpoint
+from .fsdp import format_state_bytes, is_sharded, local_tensor, shard_model, state_bytes
 from .models import Transformer, get_config, local_batch
 from .models.config import PRESETS
 from .parallel import ParallelLayout, init_parallel
@@ -77,7 +83,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default="synthetic", help="'synthetic' or a tokenised .npy / .bin file")
     p.add_argument("--data-dtype", default="uint16", help="token dtype of a .bin file")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="auto: bf16 compute with float32 master weights and reductions on CUDA, float32 on CPU; "
+        "float32 / bfloat16: every parameter in that dtype",
+    )
+    p.add_argument(
+        "--fsdp",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="FSDP2-shard params, grads and optimizer state over dp_sp (auto: on when dp*sp > 1)",
+    )
+    p.add_argument(
+        "--no-reshard-after-forward",
+        dest="reshard_after_forward",
+        action="store_false",
+        help="FSDP: keep each block's gathered parameters from forward to backward (more memory, less traffic)",
+    )
+    p.add_argument("--init-from", default=None, help="a Hugging Face Llama/Qwen2/Mistral directory to start from")
+    p.add_argument("--export-hf", default=None, help="write the trained model as a Hugging Face directory here")
     p.add_argument("--autocast", action="store_true", help="bf16 autocast with float32 parameters")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--tp-sequence-parallel", action="store_true")
@@ -89,21 +115,32 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--resume",
         nargs="?",
         const="latest",
-        default=None,
-        help="resume from the latest checkpoint in --checkpoint-dir, or from the given step dir",
+        default="auto",
+        help="auto (default): the newest intact checkpoint in --checkpoint-dir if there is one, else start "
+        "fresh (what a torchrun restart needs); latest: the same, --checkpoint-dir required; none: start "
+        "fresh; or a step directory",
+    )
+    p.add_argument(
+        "--preempt-grace",
+        type=float,
+        default=30.0,
+        help="seconds from SIGTERM to a saved checkpoint and exit 0; past it the rank exits 143",
     )
     p.add_argument("--log-json", default=None, help="append one JSON line per step (rank 0)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a collective gives up")
     p.add_argument("--no-progress", action="store_true", help="no tqdm line")
     p.add_argument("--fail-at-step", type=int, default=None, help="fault injection (tests)")
     p.add_argument("--fail-rank", type=int, default=0)
-    p.add_argument("--fail-mode", default="raise", choices=["raise", "kill", "hang", "save"])
+    p.add_argument("--fail-mode", default="raise", choices=["raise", "kill", "hang", "save", "term"],
+                   help="faults fire on the first torchrun attempt only (term: SIGTERM to this rank)")
     args = p.parse_args(argv)
     for name in ("ring", "ulysses", "tp", "seq_len", "steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.resume and not args.checkpoint_dir and args.resume == "latest":
+    if args.resume == "latest" and not args.checkpoint_dir:
         raise ValueError("--resume without a path needs --checkpoint-dir")
+    if not args.preempt_grace > 0:
+        raise ValueError(f"--preempt-grace must be > 0 seconds, got {args.preempt_grace}; pass e.g. 30")
     return args
 
 
@@ -114,7 +151,7 @@ def init_distributed(args):
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
+        elastic.init_default_group("nccl" if use_cuda else "gloo", timeout)
     world = dist.get_world_size()
     inner = args.ring * args.ulysses * args.tp
     dp = args.dp if args.dp is not None else world // inner
@@ -128,18 +165,78 @@ def init_distributed(args):
     return init_parallel(layout, timeout=timeout)
 
 
+def resolve_dtypes(name: str, device) -> tuple[torch.dtype, torch.dtype | None]:
+    """(parameter dtype, bf16 compute dtype or None) of `--dtype name` on `device`.
+
+    auto: float32 master weights with bf16 compute on CUDA (FSDP2's MixedPrecisionPolicy, or autocast
+    when not sharded), plain float32 on CPU so CPU runs stay exact.
+    """
+    if name == "auto":
+        on_cuda = torch.device(device if device is not None else "cpu").type == "cuda"
+        return torch.float32, (torch.bfloat16 if on_cuda else None)
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"--dtype {name!r} is not one of auto, float32, bfloat16")
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name], None
+
+
+def use_fsdp(args, groups) -> bool:
+    """Whether `--fsdp` shards this job: on, or auto with more than one dp_sp rank."""
+    mode = getattr(args, "fsdp", "off")
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"--fsdp {mode!r} is not one of auto, on, off")
+    dp_sp = groups.dp_sp_size if groups is not None else 1
+    if mode == "on" and (groups is None or groups.dp_sp is None):
+        raise ValueError("--fsdp on needs a distributed launch (torchrun); use --fsdp auto or off in one process")
+    return mode == "on" or (mode == "auto" and dp_sp > 1)
+
+
 def build_model(args, groups) -> Transformer:
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    return Transformer(
-        get_config(args.model),
-        groups,
+    """The Transformer of `--model` (or of the Hugging Face directory `--init-from`), FSDP2-sharded over
+    dp_sp when `use_fsdp` says so."""
+    device = groups.device if groups is not None else None
+    param_dtype, compute_dtype = resolve_dtypes(args.dtype, device)
+    if compute_dtype is not None and torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls that remain may use TF32
+        torch.backends.cudnn.allow_tf32 = True
+    options = dict(
         tp_sequence_parallel=args.tp_sequence_parallel,
         activation_checkpointing=args.activation_checkpointing,
         attention_backend=args.attention_backend,
         ce_chunk_size=args.ce_chunk_size,
-        seed=args.seed,
-        dtype=dtype,
-        device=groups.device if groups is not None else None,
+        dtype=param_dtype,
+        device=device,
+    )
+    if getattr(args, "init_from", None):
+        model = Transformer.from_hf(args.init_from, groups, max_seq_len=args.seq_len, **options)
+    else:
+        model = Transformer(get_config(args.model), groups, seed=args.seed, **options)
+    if use_fsdp(args, groups):
+        shard_model(
+            model,
+            groups,
+            reshard_after_forward=getattr(args, "reshard_after_forward", True),
+            compute_dtype=compute_dtype,
+        )
+    return model
+
+
+def report_state_bytes(model, optimizer, rank: int) -> dict:
+    """Print (rank 0) the one start-up line: params / grads / optimizer GiB held by this rank.
+
+    Creates the (zero) AdamW state first, as its first step would, so the figure is the steady state.
+    """
+    ensure_optimizer_state(optimizer)
+    counts = state_bytes(model, optimizer)
+    if rank == 0:
+        print(format_state_bytes(counts, rank, is_sharded(model)), file=sys.stderr, flush=True)
+    return counts
+
+
+def needs_autocast(args, model) -> bool:
+    """bf16 autocast: asked for, or `--dtype auto` on CUDA without FSDP (FSDP casts by its policy)."""
+    device = next(model.parameters()).device
+    return bool(args.autocast) or (
+        resolve_dtypes(args.dtype, device)[1] is not None and not is_sharded(model)
     )
 
 
@@ -194,6 +291,10 @@ class TokenFile:
             raise ValueError(f"{path} holds {self.tokens.shape[0]} tokens, fewer than --seq-len {seq_len}")
         self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
 
+    def __len__(self) -> int:
+        """Samples per epoch: the file's tokens in whole windows (the epoch count in checkpoints)."""
+        return self.tokens.shape[0] // self.seq_len
+
     def sample(self, index: int) -> torch.Tensor:
         import numpy as np
 
@@ -207,26 +308,35 @@ class TokenFile:
         return window
 
 
-def build_data(args):
-    vocab = get_config(args.model).vocab_size
+def build_data(args, vocab_size: int | None = None):
+    """The data source of `--data`; token ids in [0, vocab_size) (default: `--model`'s vocabulary)."""
+    vocab = vocab_size if vocab_size is not None else get_config(args.model).vocab_size
     if args.data == "synthetic":
         return SyntheticTokens(vocab, args.seq_len, args.seed)
     return TokenFile(args.data, vocab, args.seq_len, args.seed, args.data_dtype)
 
 
-def global_batch(data, step: int, batch_size: int, groups) -> torch.Tensor:
-    """(batch_size/dp, S) token ids of this dp replica at `step`: samples step*batch + dp_rank*local + i."""
+def global_batch(data, sample_index: int, batch_size: int, groups) -> torch.Tensor:
+    """(batch_size/dp, S) token ids of this dp replica for the global batch that starts at `sample_index`:
+    samples sample_index + dp_rank*local + i. The trainer advances sample_index by batch_size per step
+    and keeps it in checkpoints (`elastic.DataPosition`), so a resume continues the same sample stream."""
     dp = groups.dp_size if groups is not None else 1
     if batch_size % dp:
         raise ValueError(f"--batch {batch_size} must be a multiple of dp={dp}")
     local = batch_size // dp
-    first = step * batch_size + (groups.dp_rank if groups is not None else 0) * local
+    first = sample_index + (groups.dp_rank if groups is not None else 0) * local
     return torch.stack([data.sample(first + i) for i in range(local)])
 
 
 # --- gradients -----------------------------------------------------------------------------------------
 def average_gradients(model, groups, bucket_bytes: int = 1 << 27) -> None:
-    """Sum gradients over `dp_sp` and divide by dp (see the module docstring), in flat buckets."""
+    """Sum gradients over `dp_sp` and divide by dp (see the module docstring), in flat buckets.
+
+    A no-op for an FSDP2-sharded model: its reduce-scatter already did this during backward
+    (`fsdp.shard_model` sets the divide factor to dp).
+    """
+    if is_sharded(model):
+        return
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         if p.grad is None:  # every rank must contribute the same buckets
@@ -254,27 +364,28 @@ def average_gradients(model, groups, bucket_bytes: int = 1 << 27) -> None:
 def clip_grad_norm_(model, max_norm: float | None, groups) -> torch.Tensor:
     """Global L2 norm of the gradients over the tp shards; scale them to `max_norm` when above it.
 
-    Returns the norm before clipping (float32). No host synchronisation.
+    Squares of tp-sharded gradients are summed over tp, replicated ones counted once; under FSDP2 each
+    rank holds 1/(dp*sp) of every gradient, so both sums are first all-reduced over dp_sp. Returns the
+    norm before clipping (float32). No host synchronisation.
     """
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    sharded = [
-        p.grad for p in model.parameters() if p.grad is not None and getattr(p, "tp_dim", None) is not None
-    ]
-    replicated = [
-        p.grad for p in model.parameters() if p.grad is not None and getattr(p, "tp_dim", None) is None
-    ]
-    device = grads[0].device
+    params = [p for p in model.parameters() if p.grad is not None]
+    local = [local_tensor(p.grad) for p in params]
+    sharded = [g for p, g in zip(params, local) if getattr(p, "tp_dim", None) is not None]
+    replicated = [g for p, g in zip(params, local) if getattr(p, "tp_dim", None) is None]
+    device = local[0].device
     sq = torch.zeros(2, dtype=torch.float32, device=device)
     if sharded:
         sq[0] = torch.stack([n.float() for n in torch._foreach_norm(sharded)]).pow(2).sum()
     if replicated:
         sq[1] = torch.stack([n.float() for n in torch._foreach_norm(replicated)]).pow(2).sum()
+    if is_sharded(model):
+        all_reduce(sq, groups, "dp_sp")
     shard_sq = sq[:1].clone()
     all_reduce(shard_sq, groups, "tp")
     norm = (shard_sq[0] + sq[1]).sqrt()
     if max_norm and max_norm > 0:
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+        torch._foreach_mul_(local, coef.to(local[0].dtype))
     return norm
 
 
@@ -285,7 +396,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     device_type = batch.input_ids.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-        loss = model(batch.input_ids, batch.positions, batch.labels, batch.cu_seqlens)
+        loss = model(batch.input_ids, batch.positions, batch.labels, batch.cu_seqlens, plan=batch.plan)
     if fault is not None:
         fault()
     loss.backward()
@@ -302,8 +413,11 @@ def train_step(
 
 # --- the loop ------------------------------------------------------------------------------------------
 def _fault(args, rank: int, step: int, where: str):
-    """The injected fault for (rank, step, where), or None."""
+    """The injected fault for (rank, step, where), or None. Only on torchrun's first attempt, so a
+    restarted run gets past the step that failed."""
     if args.fail_at_step is None or rank != args.fail_rank or step != args.fail_at_step:
+        return None
+    if elastic.restart_count() > 0:
         return None
     if (args.fail_mode == "save") != (where == "save"):
         return None
@@ -317,6 +431,9 @@ def _fault(args, rank: int, step: int, where: str):
         )
         if args.fail_mode == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if args.fail_mode == "term":  # as a scheduler's preemption: the step goes on, the rank stops after it
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         if args.fail_mode == "hang":
             while True:
                 time.sleep(3600)
@@ -325,9 +442,65 @@ def _fault(args, rank: int, step: int, where: str):
     return fire
 
 
-def train(args, progress: dict | None = None) -> list[dict]:
-    """Run the whole job on this rank; returns the per-step records (rank 0 also logs them as JSON)."""
+def _resume(args, model, optimizer, groups, rank: int, batch_size: int) -> tuple[int, int]:
+    """(first step, first sample index) after loading what `--resume` names; (0, 0) when starting fresh."""
+    # Rank 0 picks (checksums read once) and tells the others, so every rank loads the same step.
+    choice = [elastic.resume_path(args.resume, args.checkpoint_dir) if rank == 0 else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(choice, src=0)
+    path, skipped = choice[0]
+    for bad_path, reason in skipped:
+        if rank == 0:
+            print(f"skipping checkpoint {bad_path}, not intact: {reason}", file=sys.stderr, flush=True)
+    if path is None and skipped:  # every rank raises the same message (the choice was broadcast)
+        reasons = "; ".join(f"{bad}: {why}" for bad, why in skipped)
+        raise ValueError(
+            f"no intact checkpoint to resume from in {args.checkpoint_dir}: {reasons}. Restore or remove the "
+            f"damaged steps, or pass --resume none to start from step 0"
+        )
+    if path is None:
+        if rank == 0 and args.checkpoint_dir and args.resume != "none":
+            print(f"no checkpoint in {args.checkpoint_dir}; starting from step 0", file=sys.stderr, flush=True)
+        return 0, 0
+    meta = load_checkpoint(path, model, optimizer, groups)
+    start = int(meta["step"])
+    position = elastic.DataPosition.from_meta(meta.get("data"))
+    if position is None:  # a checkpoint from before data positions were saved
+        sample_index, how = start * batch_size, "sample index step*batch (no data position saved)"
+    else:
+        sample_index = position.sample_index
+        restored = position.restore_rng(rank)
+        how = f"epoch {position.epoch}, sample {sample_index}, RNG {'restored' if restored else 'not saved'}"
+    if rank == 0:
+        print(
+            f"resumed from {path} at step {start} ({how}; torchrun attempt {elastic.restart_count()})",
+            file=sys.stderr,
+            flush=True,
+        )
+    return start, sample_index
+
+
+def _save(args, step: int, model, optimizer, groups, rank: int, sample_index: int, data) -> str:
+    """Every rank: checkpoint `step` with the data position (next sample, epoch, every rank's RNG)."""
+    position = elastic.DataPosition.capture(sample_index, len(data) if hasattr(data, "__len__") else None)
+    return save_checkpoint(
+        args.checkpoint_dir,
+        step,
+        model,
+        optimizer,
+        groups,
+        meta={"model": args.model, "seed": args.seed, "data": position.to_meta()},
+        before_publish=_fault(args, rank, step, "save"),
+    )
+
+
+def train(args, progress: dict | None = None, preemption: elastic.Preemption | None = None) -> list[dict]:
+    """Run the whole job on this rank; returns the per-step records (rank 0 also logs them as JSON).
+
+    `preemption` (main installs it on SIGTERM) is polled collectively after every step: once any rank
+    was signalled, every rank saves a checkpoint of that step and returns."""
     progress = {} if progress is None else progress
+    preemption = preemption if preemption is not None else elastic.Preemption(args.preempt_grace)
     progress["where"] = "start-up"
     groups = init_distributed(args)
     rank = dist.get_rank()
@@ -335,18 +508,10 @@ def train(args, progress: dict | None = None) -> list[dict]:
     torch.manual_seed(args.seed)
     model = build_model(args, groups)
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
-    data = build_data(args)
+    report_state_bytes(model, optimizer, rank)
+    data = build_data(args, model.config.vocab_size)
     batch_size = args.batch if args.batch is not None else groups.dp_size
-    start = 0
-    if args.resume:
-        path = latest_checkpoint(args.checkpoint_dir) if args.resume == "latest" else args.resume
-        if path is None:
-            if rank == 0:
-                print(f"no checkpoint in {args.checkpoint_dir}; starting from step 0", file=sys.stderr)
-        else:
-            start = load_checkpoint(path, model, optimizer, groups)["step"]
-            if rank == 0:
-                print(f"resumed from {path} at step {start}", file=sys.stderr, flush=True)
+    start, sample_index = _resume(args, model, optimizer, groups, rank, batch_size)
     from tqdm import tqdm
 
     bar = tqdm(
@@ -358,10 +523,11 @@ def train(args, progress: dict | None = None) -> list[dict]:
     )
     log = open(args.log_json, "a") if (args.log_json and rank == 0) else None
     records = []
+    preemption.arm()
     try:
         for step in range(start, args.steps):
             progress["where"] = f"step {step + 1}"
-            ids = global_batch(data, step, batch_size, groups).to(groups.device)
+            ids = global_batch(data, sample_index, batch_size, groups).to(groups.device)
             batch = local_batch(ids, groups)
             t0 = time.perf_counter()
             out = train_step(
@@ -370,10 +536,11 @@ def train(args, progress: dict | None = None) -> list[dict]:
                 batch,
                 groups,
                 grad_clip=args.grad_clip,
-                autocast=args.autocast,
+                autocast=needs_autocast(args, model),
                 fault=_fault(args, rank, step + 1, "step"),
             )
             elapsed = time.perf_counter() - t0
+            sample_index += batch_size
             tokens = batch_size * args.seq_len
             record = {
                 "step": step + 1,
@@ -383,6 +550,7 @@ def train(args, progress: dict | None = None) -> list[dict]:
                 "tokens": tokens,
                 "step_time_s": elapsed,
                 "tokens_per_s": tokens / max(elapsed, 1e-9),
+                "attempt": elastic.restart_count(),
             }
             records.append(record)
             bar.update(1)
@@ -390,35 +558,48 @@ def train(args, progress: dict | None = None) -> list[dict]:
             if log is not None:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-            if args.checkpoint_dir and args.save_every and (step + 1) % args.save_every == 0:
+            saved = args.checkpoint_dir and args.save_every and (step + 1) % args.save_every == 0
+            if saved:
                 progress["where"] = f"saving checkpoint {step + 1}"
-                save_checkpoint(
-                    args.checkpoint_dir,
-                    step + 1,
-                    model,
-                    optimizer,
-                    groups,
-                    meta={"model": args.model, "seed": args.seed},
-                    before_publish=_fault(args, rank, step + 1, "save"),
-                )
+                _save(args, step + 1, model, optimizer, groups, rank, sample_index, data)
+            progress["where"] = f"step {step + 1} (end-of-step stop-flag all_reduce)"
+            if preemption.should_stop(groups.device):
+                progress["where"] = f"preemption checkpoint {step + 1}"
+                if args.checkpoint_dir and not saved:
+                    _save(args, step + 1, model, optimizer, groups, rank, sample_index, data)
+                preemption.finished()
+                if rank == 0:
+                    what = f"checkpoint step {step + 1} saved in {args.checkpoint_dir}" if args.checkpoint_dir \
+                        else "no --checkpoint-dir, nothing saved"
+                    print(
+                        f"[longvila_engine.train] preempted by SIGTERM: every rank stopped after step {step + 1}; "
+                        f"{what}; exiting 0",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                break
     finally:
+        if not preemption.requested:  # once preempted, a second SIGTERM changes nothing
+            preemption.disarm()
         bar.close()
         if log is not None:
             log.close()
+    if getattr(args, "export_hf", None) and not preemption.requested:
+        progress["where"] = f"writing --export-hf {args.export_hf}"
+        model.save_hf(args.export_hf)
+        if rank == 0:
+            print(f"wrote Hugging Face model to {args.export_hf}", file=sys.stderr, flush=True)
     return records
 
 
-def _exit_on_sigterm(progress):
-    def handler(signum, frame):
-        print(
-            f"[longvila_engine.train rank {progress.get('rank', '?')}] terminated by SIGTERM during "
-            f"{progress.get('where', 'start-up')} (the launcher stops every rank when one fails); exiting",
-            file=sys.stderr,
-            flush=True,
-        )
-        os._exit(143)
+def _exit_on_sigterm(progress, grace_s: float = 30.0) -> elastic.Preemption:
+    """SIGTERM (a scheduler's preemption, or torchrun stopping the survivors of a failure): stop at the
+    next step boundary with a checkpoint and exit 0; exit 143 if that takes longer than `grace_s`."""
 
-    signal.signal(signal.SIGTERM, handler)
+    def describe():
+        return f"[longvila_engine.train rank {progress.get('rank', '?')}] during {progress.get('where', 'start-up')}:"
+
+    return elastic.Preemption(grace_s, describe).install()
 
 
 def main(argv=None) -> int:
@@ -430,10 +611,11 @@ def main(argv=None) -> int:
 
         return vlm_main(argv)
     progress: dict = {}
-    _exit_on_sigterm(progress)
+    preemption = _exit_on_sigterm(progress)
     try:
         args = parse_args(argv)
-        train(args, progress)
+        preemption.grace_s = args.preempt_grace
+        train(args, progress, preemption)
     except SystemExit:
         raise
     except BaseException as exc:  # noqa: B036 - any failure must end this rank, never hang it
@@ -445,6 +627,8 @@ def main(argv=None) -> int:
             if "injected" in str(exc)
             else " (if this is a collective error, another rank failed or timed out; its log has the cause)"
         )
+        collective = elastic.failed_collective(exc.__traceback__)
+        where += f", in collective {collective}" if collective else ""
         print(
             f"[longvila_engine.train rank {rank}] FAILED during {where}: {type(exc).__name__}: {exc}{peer}. "
             f"Exiting non-zero.",

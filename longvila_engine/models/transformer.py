@@ -429,6 +429,9 @@ class Transformer(nn.Module):
         if plan is None and not decoding:
             S = h.shape[1] * (axis_size(self.groups) if self.tp_sequence_parallel else 1)
             plan = self.plan(h.shape[0], S, cu_seqlens, device=h.device)
+        if plan is not None and plan.groups is not self.groups:
+            raise ValueError("the batch plan was made for other ParallelGroups than the model's; plan the batch "
+                             "with the groups given to Transformer(config, groups)")
         if plan is not None and plan.ring_size > 1 and plan.scheme != self.scheme:
             raise ValueError(f"the batch was planned with scheme={plan.scheme!r} but the model runs "
                              f"scheme={self.scheme!r}; shard the batch with the model's scheme")
@@ -460,3 +463,19 @@ class Transformer(nn.Module):
             sequence_parallel=self.tp_sequence_parallel,
         )
         return divide_by_global_count(loss_sum, count, self.groups)
+
+    @classmethod
+    def from_hf(cls, path: str, groups=None, **options) -> Transformer:
+        """A model from a Hugging Face Llama / Qwen2 / Mistral directory, each rank reading only its
+        tp slices (`models/hf_weights.py`). `options`: this class's keyword arguments, and
+        `max_seq_len` (checked against a sliding window)."""
+        from .hf_weights import from_hf
+
+        return from_hf(cls, path, groups, **options)
+
+    def save_hf(self, path: str, **options) -> None:
+        """Write this model as a Hugging Face directory transformers loads (collective; rank 0
+        writes; `models/hf_weights.py`). `options`: dtype, max_shard_bytes."""
+        from .hf_weights import save_hf
+
+        save_hf(self, path, **options)
