@@ -248,13 +248,19 @@ _COMM_FILES = ("torch/distributed/distributed_c10d.py", "longvila_engine/comm/",
 
 
 def failed_collective(tb) -> str | None:
-    """'<function> (<file>:<line>)' of the innermost collective frame of a traceback, or None."""
-    found = None
+    """'<collective> (<file>:<line>[, called from <engine file>:<line>])' for the innermost collective
+    frame of a traceback (torch.distributed, the engine's comm wrappers), or None if there is none."""
+    found, caller = None, None
     for frame in traceback.extract_tb(tb):
         path = frame.filename.replace(os.sep, "/")
+        where = path.split("site-packages/")[-1] if "site-packages/" in path else path
+        if "longvila_engine/" in where:
+            where = "longvila_engine/" + where.split("longvila_engine/")[-1]
         if any(part in path for part in _COMM_FILES) or frame.name in ("all_reduce", "wait", "barrier"):
-            where = path.split("site-packages/")[-1] if "site-packages/" in path else path
-            if "longvila_engine/" in where:
-                where = "longvila_engine/" + where.split("longvila_engine/")[-1]
-            found = f"{frame.name} ({where}:{frame.lineno})"
-    return found
+            if found is None or "longvila_engine/" in where or "distributed_c10d" in where:
+                found = (frame.name, f"{where}:{frame.lineno}")
+        elif "longvila_engine/" in where and found is None:
+            caller = f"{where}:{frame.lineno}"
+    if found is None:
+        return None
+    return f"{found[0]} ({found[1]}" + (f", called from {caller})" if caller else ")")
