@@ -297,6 +297,16 @@ def activation_bytes_per_token(model: Model, dtype_bytes: int = 2, ulysses: int 
     return (norms + attention + mlp) * dtype_bytes + 4 * heads + 8
 
 
+def attention_backward_bytes_per_token(model: Model, dtype_bytes: int = 2, ulysses: int = 1, tp: int = 1) -> float:
+    """Working set of one layer's sequence-parallel attention backward per local token: the incoming
+    gradient, dout, the float32 dq, three float32 dK/dV pairs (this step's, the accumulator, the one in
+    flight on the ring) and dq/dk/dv cast back to the compute dtype."""
+    h, d = model.hidden, model.head_dim
+    heads = model.heads / tp
+    kv = max(model.kv_heads / tp, ulysses) if ulysses > 1 else model.kv_heads / tp
+    return (h + heads * d + (heads + 2 * kv) * d) * dtype_bytes + (heads * d + 3 * 2 * kv * d) * 4
+
+
 def memory_breakdown(model: Model, seq_len: int, strat: Strategy, dp: int = 1, dtype_bytes: int = 2,
                      ce_chunk_bytes: int = 1 << 28) -> dict:
     """Peak bytes per GPU by the dry run's categories, at the start of backward (where it peaks).
@@ -316,8 +326,12 @@ def memory_breakdown(model: Model, seq_len: int, strat: Strategy, dp: int = 1, d
     h, v = model.hidden, model.vocab / tp
     acts = model.layers * tokens * activation_bytes_per_token(model, dtype_bytes, strat.ulysses, tp)
     acts += tokens * (2 * h * dtype_bytes + 2 * model.head_dim * 4 + 24)
-    temps = (2 * v * h + h) * dtype_bytes + model.params_per_layer / tp * dtype_bytes
-    temps += v * h * (dtype_bytes + 4) + 2 * ce_chunk_bytes + tokens * h * 4
+    head = (2 * v * h + h) * dtype_bytes + model.params_per_layer / tp * dtype_bytes
+    # The peak is either where the output head's backward runs (its weight gradient, logits chunks) or
+    # in the first layer's backward (its attention's float32 dq and dK/dV accumulators in flight).
+    at_head = v * h * (dtype_bytes + 4) + 2 * ce_chunk_bytes + tokens * h * 4
+    at_layer = tokens * attention_backward_bytes_per_token(model, dtype_bytes, strat.ulysses, tp)
+    temps = head + max(at_head, at_layer)
     out = {"params": 4 * params_rank / shard, "grads": 0.0, "optimizer": 8 * params_rank / shard,
            "activations": acts, "temporaries": temps}
     out["total"] = sum(out.values())

@@ -37,11 +37,17 @@ SIZES = {"smoke": dict(model="tiny", seq_lens=[256, 512, 1024], worlds=[1, 2]),
 
 
 def predicted_bytes_per_token(cfg) -> float:
-    """costmodel's activation bytes of one token over all layers (fp32), plus its fp32 logits and grad."""
+    """costmodel's activation bytes of one token over all layers (fp32), plus its fp32 logits and grad.
+
+    On CPU, RMSNorm is composite and also keeps its normalised rows (one more hidden-size row per norm,
+    two norms per layer) where CUDA's fused kernel keeps only a float32 rstd; the cost model describes
+    CUDA, so the CPU extra is added here."""
     import costmodel
 
     m = costmodel.Model.from_config("bench", cfg)
-    return cfg.num_layers * costmodel.activation_bytes_per_token(m, dtype_bytes=4) + cfg.vocab_size * 4 * 2
+    cpu_norms = 2 * cfg.hidden_size * 4
+    return cfg.num_layers * (costmodel.activation_bytes_per_token(m, dtype_bytes=4) + cpu_norms) + \
+        cfg.vocab_size * 4 * 2
 
 
 def fit_line(xs, ys) -> dict:

@@ -306,8 +306,9 @@ class _RMSNormSavingInput(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, normalized_shape, weight, eps):
         eps = torch.finfo(x.dtype).eps if eps is None else eps
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         with torch.no_grad():
-            x32 = x.float()
+            x32 = x.to(acc)
             rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
             y = (x32 * rstd).to(x.dtype)
             if weight is not None:
@@ -318,12 +319,12 @@ class _RMSNormSavingInput(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, rstd, weight = ctx.saved_tensors
-        xhat = x.float() * rstd
-        g = dy.float() * (weight.float() if weight is not None else 1.0)
+        xhat = x.to(rstd.dtype) * rstd
+        g = dy.to(rstd.dtype) * (weight.to(rstd.dtype) if weight is not None else 1.0)
         dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
         dw = None
         if weight is not None:
-            dw = (dy.float() * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+            dw = (dy.to(rstd.dtype) * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
         return dx.to(x.dtype), None, dw, None
 
 

@@ -127,9 +127,10 @@ def test_depth_extrapolation_matches_full_depth():
     config_module.PRESETS["tiny"] = preset.replace(num_layers=full_depth)
     try:
         full = dry_run(cfg)
-        extrapolated = dry_run_extrapolated(cfg, depths=(1, 2))
+        extrapolated = dry_run_extrapolated(cfg, depths=(2, 3))
     finally:
         config_module.PRESETS["tiny"] = preset
+    assert extrapolated.get("extrapolated_from_layers") == [2, 3], extrapolated.get("extrapolation_refused")
     assert full["config"]["num_layers"] == extrapolated["config"]["num_layers"] == full_depth
     # Per-layer state and activations are identical in every layer: linear in depth to within FSDP's
     # padding of uneven shards (a few hundred bytes of a tiny model) -> 1%.
@@ -146,3 +147,24 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="seq_len='2Q'"):
         parse_tokens("2Q")
     assert parse_tokens("2M") == 2 * 2**20 and parse_tokens("256K") == 262144 and parse_tokens("4096") == 4096
+
+
+def test_cuda_style_rms_norm_matches_torch():
+    """The dry run's RMSNorm (precision='gpu': keeps the input and a float32 rstd, as CUDA's fused kernel
+    does) computes what F.rms_norm computes, forward and backward (float64: 1e-12)."""
+    import torch
+    import torch.nn.functional as F
+
+    from longvila_engine.dryrun import _rms_norm_saving_input
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(16, dtype=torch.float64, generator=gen, requires_grad=True)
+    dy = torch.randn(2, 5, 16, dtype=torch.float64, generator=gen)
+    ours = _rms_norm_saving_input(x, (16,), w, 1e-6)
+    gx, gw = torch.autograd.grad(ours, (x, w), dy)
+    ref = F.rms_norm(x, (16,), w, 1e-6)
+    rx, rw = torch.autograd.grad(ref, (x, w), dy)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gx, rx, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gw, rw, rtol=0, atol=1e-12)
