@@ -42,6 +42,7 @@ from torch import nn
 __all__ = ["split_task", "parse_args", "build_vlm", "TrainableView", "train", "main"]
 
 FREEZABLE = ("vision", "llm", "projector")
+PATCHVIT = "patchvit"
 
 
 def split_task(argv) -> tuple[str, list[str]]:
@@ -79,7 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--llm-impl", default="engine", choices=["engine", "hf"],
                    help="engine: longvila_engine Transformer.from_hf (tp allowed); hf: the transformers model "
                         "with enable_sequence_parallel (tp=1)")
-    p.add_argument("--vision", required=True, help="SiglipVisionModel folder with preprocessor_config.json")
+    p.add_argument("--vision", required=True,
+                   help="SiglipVisionModel folder with preprocessor_config.json, or 'patchvit': the engine's small "
+                        "PatchViT (random init; --image-size pixels, 4 x 4 patches, width 64, 2 layers)")
+    p.add_argument("--image-size", type=int, default=32, help="frame side for --vision patchvit")
     p.add_argument("--data", required=True, help="jsonl file (see longvila_engine/data/vlm_data.py)")
     p.add_argument("--num-frames", type=int, default=8, help="frames sampled uniformly per video")
     p.add_argument("--seq-len", type=int, default=2048, help="packed length in LM tokens (text + visual)")
@@ -173,12 +177,19 @@ def build_vlm(args, groups, image_token_id: int):
     """(VisionLanguageModel, tokens per frame) with `--freeze` applied."""
     from transformers.utils import logging as hf_logging
 
-    from .multimodal import MLPProjector, VisionLanguageModel
+    from .multimodal import MLPProjector, PatchViT, VisionLanguageModel
     from .multimodal.hf_vision import load_vision_tower
 
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per rank says nothing
     torch.manual_seed(args.seed)
-    tower = load_vision_tower(args.vision, feature_layer=args.feature_layer).to(groups.device)
+    if args.vision == PATCHVIT:
+        if args.image_size < 4 or args.image_size % 4:
+            raise ValueError(f"--image-size {args.image_size} must be a positive multiple of 4 (4 x 4 patches)")
+        tower = PatchViT(args.image_size, args.image_size // 4, 3, 64, num_heads=4, num_layers=2)
+        tower.hidden_size = tower.dim
+        tower = tower.to(groups.device)
+    else:
+        tower = load_vision_tower(args.vision, feature_layer=args.feature_layer).to(groups.device)
     lm = _load_llm(args, groups)
     hidden = lm.config.hidden_size
     torch.manual_seed(args.seed + 1)  # the projector is the only freshly initialised part: same on every rank
@@ -197,7 +208,16 @@ def _build_data(args, tokens_per_frame: int):
     from .data import VLMData, load_image_processor, load_tokenizer
 
     tokenizer = load_tokenizer(args.llm)
-    processor = load_image_processor(args.vision)
+    if args.vision == PATCHVIT:  # SigLIP's processing (resize, 1/255, mean 0.5, std 0.5) at --image-size
+        import logging
+
+        from transformers import SiglipImageProcessor
+
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        processor = SiglipImageProcessor(size={"height": args.image_size, "width": args.image_size},
+                                         image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    else:
+        processor = load_image_processor(args.vision)
     return VLMData(args.data, tokenizer, processor, num_frames=args.num_frames, seq_len=args.seq_len,
                    tokens_per_frame=tokens_per_frame, image_token=args.image_token,
                    truncate_frames=args.truncate_frames, skip_bad=args.skip_bad_samples)

@@ -109,3 +109,14 @@ def test_skip_mode_counts_and_freeze_trains_only_the_rest(assets, tmp_path):
     assert rows[-1]["skipped_samples_total"] == 1 and 5 not in rows[1]["lines"]
     assert "skipped" in out and "line 5" in out
     assert "trainable: projector" in out and "frozen: vision, llm" in out
+
+
+def test_patchvit_tower_trains_on_two_ulysses_ranks(assets, tmp_path):
+    # The engine's PatchViT instead of SigLIP; 3 frames per video over 2 ranks: an uneven stage-1 split.
+    args = [*_common(assets), "--vision", "patchvit", "--image-size", "32", "--num-frames", "3", "--steps", "3",
+            "--ulysses", "2"]
+    rc, out, rows = _run(2, args, tmp_path, "patchvit", timeout=240)
+    assert rc == 0, out[-3000:]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] > 0 for r in rows)
+    assert sorted(rows[0]["per_rank"]["stage1_frames"]) == sorted([(rows[0]["frames"] + 1) // 2,
+                                                                   rows[0]["frames"] // 2])
