@@ -42,7 +42,15 @@ import torch.distributed as dist
 
 from .config import ModelConfig
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "read_hf_config", "config_from_hf", "hf_name", "from_hf", "save_hf"]
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "read_hf_config",
+    "config_from_hf",
+    "hf_name",
+    "load_hf_weights",
+    "from_hf",
+    "save_hf",
+]
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
 INDEX = "model.safetensors.index.json"
