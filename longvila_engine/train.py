@@ -9,10 +9,17 @@ Gradient reduction, thought through: each sp rank's loss is (its token-loss sum)
 global supervised-token count), so the replica's loss is the SUM of its sp ranks' losses and the
 gradient of a replicated parameter is the sum of the sp ranks' gradients. Replicas average. Hence
 one all-reduce SUM over `dp_sp` followed by a division by `dp` (not by dp*sp). tp ranks hold
-different shards (or identical replicated tensors) and are never reduced here.
+different shards (or identical replicated tensors) and are never reduced here. With FSDP2
+(`--fsdp`, `fsdp.py`: on by default when dp*sp > 1) parameters, gradients and AdamW state are sharded
+over `dp_sp` instead, and the same sum / dp is FSDP's reduce-scatter with divide factor dp.
 
 Gradient clipping: the global norm squares tp-sharded gradients summed over tp, replicated ones
-counted once; after the dp_sp reduction every rank computes the same norm.
+counted once; after the dp_sp reduction every rank computes the same norm (under FSDP2 each rank
+squares its shards and the two sums are all-reduced over dp_sp first).
+
+Precision: `--dtype auto` is bf16 compute with float32 master weights and reductions on CUDA, float32
+on CPU. Weights in and out: `--init-from` a Hugging Face directory, `--export-hf` at the end
+(`models/hf_weights.py`).
 
 Faults: every process group has `--timeout`. Any exception on a rank (its own, or a collective that
 failed because a peer died or timed out) is printed with the rank and step, and the process leaves
