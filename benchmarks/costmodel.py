@@ -329,7 +329,7 @@ def memory_breakdown(model: Model, seq_len: int, strat: Strategy, dp: int = 1, d
     head = (2 * v * h + h) * dtype_bytes + model.params_per_layer / tp * dtype_bytes
     # The peak is either where the output head's backward runs (its weight gradient, logits chunks) or
     # in the first layer's backward (its attention's float32 dq and dK/dV accumulators in flight).
-    at_head = v * h * (dtype_bytes + 4) + 2 * ce_chunk_bytes + tokens * h * 4
+    at_head = v * h * (dtype_bytes + 4) + 2 * min(ce_chunk_bytes, tokens * v * 4) + tokens * h * 4
     at_layer = tokens * attention_backward_bytes_per_token(model, dtype_bytes, strat.ulysses, tp)
     temps = head + max(at_head, at_layer)
     out = {"params": 4 * params_rank / shard, "grads": 0.0, "optimizer": 8 * params_rank / shard,

@@ -660,16 +660,14 @@ def cost_model_view(result: dict) -> dict | None:
     config = get_config(c["model"]).replace(num_layers=c["num_layers"])
     model = cm.Model.from_config(c["model"], config)
     strat = cm.Strategy("dry run", ring=c["ring"], ulysses=c["ulysses"], tp=c["tp"])
-    comm = cm.communication_bytes(model, c["seq_len"], strat, dtype_bytes=2 if c["precision"] == "gpu" else 4)
+    dtype_bytes = 2 if c["precision"] == "gpu" else 4
+    comm = cm.communication_bytes(model, c["seq_len"], strat, dtype_bytes=dtype_bytes)
     L = c["num_layers"]
     view = {"bytes": {"ring": int(L * (comm["ring_fwd"] + comm["ring_bwd"])),
-                      "ulysses": int(L * comm["ulysses_a2a"]), "tp": int(L * comm["tp_allreduce"])},
+                      "ulysses": int(L * comm["ulysses_a2a"]),
+                      "tp": int(L * comm["tp_allreduce"] + cm.tp_head_bytes(model, c["seq_len"], strat, dtype_bytes))},
             "model_flops_per_rank": int(cm.model_flops(model, c["seq_len"]) / c["world"] * c["dp"])}
-    if hasattr(cm, "memory_breakdown"):
-        view["memory"] = cm.memory_breakdown(model, c["seq_len"], strat, dp=c["dp"],
-                                             dtype_bytes=2 if c["precision"] == "gpu" else 4)
-    else:
-        view["memory"] = cm.memory_per_gpu(model, c["seq_len"], c["world"])
+    view["memory"] = cm.memory_breakdown(model, c["seq_len"], strat, dp=c["dp"], dtype_bytes=dtype_bytes)
     return view
 
 
