@@ -74,7 +74,9 @@ fi
 echo "cuda-build: building longvila_engine._C against torch $("$VPY" -c 'import torch; print(torch.__version__)')"
 mkdir -p "$LIB_DIR" "$TMP_DIR"
 log="$TMP_DIR/build.log"
-if ! MAX_JOBS="${MAX_JOBS:-2}" "$VPY" setup.py -q build_ext --build-lib "$LIB_DIR" --build-temp "$TMP_DIR" >"$log" 2>&1; then
+# --force: distutils would skip on source timestamps alone and miss header edits; ninja still rebuilds
+# only what changed (it tracks header dependencies).
+if ! MAX_JOBS="${MAX_JOBS:-2}" "$VPY" setup.py -q build_ext --force --build-lib "$LIB_DIR" --build-temp "$TMP_DIR" >"$log" 2>&1; then
   grep -E "error|FAILED" "$log" | head -40 || tail -40 "$log"
   echo "cuda-build: FAILED (full log: $log)"
   exit 1
