@@ -15,7 +15,7 @@ replicated figure (+-2%, padding of uneven shards), measured from the tensors.
 """
 
 import pytest
-from dist_pool import DistPool, groups_for
+from dist_pool import groups_for
 
 from longvila_engine import ParallelLayout
 
@@ -28,11 +28,7 @@ LAYOUTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def pool():
-    p = DistPool(WORLD)
-    yield p
-    p.close()
+POOL_WORLD_SIZE = WORLD  # the session pool of this size (tests/conftest.py)
 
 
 def _args(fsdp, extra=()):
