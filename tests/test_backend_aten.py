@@ -166,6 +166,23 @@ def test_cuda_limits_raise_with_the_fix():
         aten.check_supported(q16, torch.zeros(2, dtype=torch.int32, device="meta"))
 
 
+@pytest.mark.parametrize("kernel", ["flash", "efficient", "cudnn"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_cuda_ops_plumbing_on_meta_tensors(monkeypatch, kernel, causal):
+    """The CUDA branch (any device but CPU) called through the ops' meta kernels: argument lists that
+    the schemas accept, lse cut to (B, H, S) (efficient pads to 32 rows, cuDNN adds a dim), GQA
+    gradients summed back to H_kv heads, resume through merge_attention. No numerics: see the gpu test."""
+    monkeypatch.setenv("LONGVILA_ATEN_CUDA_KERNEL", kernel)
+    q = torch.empty(2, 100, 4, 64, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(2, 100, 2, 64, dtype=torch.bfloat16, device="meta")
+    out, lse = block_attention(q, k, k, causal=causal, backend="aten")
+    assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (2, 4, 100) and lse.dtype == torch.float32
+    dq, dk, dv = block_attention_backward(out, q, k, k, out, lse, causal=causal, backend="aten")
+    assert dq.shape == q.shape and dk.shape == dv.shape == k.shape and dk.dtype == torch.float32
+    acc, lse_acc = torch.zeros(q.shape, device="meta"), torch.zeros(2, 4, 100, device="meta")
+    assert block_attention(q, k, k, causal=False, out=acc, lse=lse_acc, backend="aten")[0] is acc
+
+
 def test_cuda_kernel_choice(monkeypatch):
     monkeypatch.delenv("LONGVILA_ATEN_CUDA_KERNEL", raising=False)
     assert aten.cuda_kernel(torch.bfloat16, True, 128, 128, 128) == "flash"
