@@ -347,7 +347,8 @@ def latest_intact_checkpoint(root: str) -> tuple[str | None, list[tuple[str, str
 def load_checkpoint(path: str, model, optimizer, groups, *, verify: bool = False) -> dict:
     """Load a checkpoint saved under any layout into this rank's shards, in place; returns meta.json.
 
-    FSDP2-sharded and replicated models load each other's checkpoints. With `verify`, the checksums
+    FSDP2-sharded and replicated models load each other's checkpoints; `groups=None` loads the dense
+    tensors in this process alone (no collective, as the export CLI does). With `verify`, the checksums
     are checked first (every file read once more). Raises ValueError when `path` is not a complete,
     readable checkpoint, naming the bad file when one is known.
     """
@@ -360,8 +361,10 @@ def load_checkpoint(path: str, model, optimizer, groups, *, verify: bool = False
 
     state = checkpoint_state(model, optimizer, groups)
     targets = {k: (v.to_local() if hasattr(v, "to_local") else v) for k, v in state.items()}
+    # groups None (or a one-process groups object): this process reads alone, even inside a job.
+    alone = groups is None or getattr(groups, "world_size", 1) == 1
     try:
-        dcp.load(state, checkpoint_id=path)
+        dcp.load(state, checkpoint_id=path, no_dist=alone)
     except Exception as exc:  # DCP wraps per-rank failures (EOFError, unpickling) in CheckpointException
         problems = verify_checkpoint(path)
         detail = "; ".join(problems) if problems else f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"

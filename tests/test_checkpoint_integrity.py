@@ -7,6 +7,8 @@ On 4 gloo ranks (a pool):
   dense parameters (loading copies), and its next step's loss equals the FSDP run's to float32
   round-off (1e-5 relative: a different reduction order, measured ~1e-7); saved back from there and
   loaded under FSDP ring2 x ulysses2, the parameters are again exactly the saved ones.
+- FSDP shards of uneven size (50 vocabulary rows over 4 ranks) save, and load in one process
+  without groups, exactly.
 - `verify_checkpoint` / `latest_intact_checkpoint` name a truncated and an altered file and fall back
   to the newest intact step; `load_checkpoint` on a damaged step raises a ValueError naming the file.
 
@@ -24,9 +26,8 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
-from dist_pool import DistPool, groups_for
+from dist_pool import groups_for
 
 from longvila_engine import ParallelLayout
 from longvila_engine.checkpoint import latest_intact_checkpoint, verify_checkpoint
@@ -38,11 +39,7 @@ RING2_ULYSSES2 = ParallelLayout(ring=2, ulysses=2, gpus_per_node=4)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def pool():
-    p = DistPool(WORLD)
-    yield p
-    p.close()
+POOL_WORLD_SIZE = WORLD  # the session pool of this size (tests/conftest.py)
 
 
 def _setup(layout, fsdp):
@@ -241,3 +238,31 @@ def test_trainer_init_from_hf_export_and_damaged_resume(tmp_path):
     assert all(c not in (0, None) for c in codes), (codes, texts)
     for text in texts:
         assert "no intact checkpoint to resume from" in text and "meta.json is damaged" in text, text
+
+
+def _uneven(root):
+    """FSDP shards of uneven size (vocab 50 over 4 dp_sp ranks: 13, 13, 13, 11) save and load exactly."""
+    import torch.distributed as dist
+
+    from longvila_engine.checkpoint import load_checkpoint, save_checkpoint
+    from longvila_engine.fsdp import shard_model
+    from longvila_engine.models import ModelConfig, Transformer
+
+    config = ModelConfig(num_layers=1, hidden_size=24, num_heads=2, num_kv_heads=1, head_dim=12,
+                         ffn_hidden_size=40, vocab_size=50)  # fmt: skip
+    groups = groups_for(DP2_RING2)
+    model = shard_model(Transformer(config, groups, seed=7), groups)
+    path = save_checkpoint(root, 1, model, None, groups)
+    dist.barrier()
+    if dist.get_rank() == 0:  # one process, no FSDP, no groups: the dense tensors
+        dense = Transformer(config, None, seed=0)
+        load_checkpoint(path, dense, None, None)
+        want = Transformer(config, None, seed=7)
+        for (name, a), (_, b) in zip(dense.named_parameters(), want.named_parameters()):
+            assert torch.equal(a, b), name
+    dist.barrier()
+    return True
+
+
+def test_uneven_fsdp_shards_round_trip(pool, tmp_path):
+    assert all(pool.run(_uneven, str(tmp_path / "uneven")))
