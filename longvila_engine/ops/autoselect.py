@@ -12,7 +12,7 @@ S_q, S_k and B*H rounded up to powers of two).
 Overrides, strongest first: `set_auto_backend(name)` (None clears it), then the environment variable
 LONGVILA_ATTN_BACKEND. They apply to forward/backward only and must name one of the candidates.
 What this does not do: persist choices across processes, or measure under FakeTensorMode or
-torch.compile tracing (there it takes the default candidate without running anything).
+torch.compile tracing or CUDA graph capture (there it takes the default candidate, running nothing).
 """
 from __future__ import annotations
 
@@ -57,9 +57,12 @@ def shape_class(op: str, q, k, causal: bool, varlen: bool, resume: bool) -> tupl
 
 
 def _tracing(t) -> bool:
+    """Fake, meta or traced tensors, or a CUDA graph being captured: nothing may run or synchronise."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    return isinstance(t, FakeTensor) or t.device.type == "meta" or torch.compiler.is_compiling()
+    if isinstance(t, FakeTensor) or t.device.type == "meta" or torch.compiler.is_compiling():
+        return True
+    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _time(run, device: torch.device) -> float:
