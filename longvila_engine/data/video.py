@@ -61,13 +61,12 @@ def read_video(path: str, num_frames: int) -> list[np.ndarray]:
     try:
         total = _count_frames(path)
         wanted = uniform_indices(total, num_frames)
-        picked: dict[int, np.ndarray] = {}
-        last = wanted[-1]
+        wanted_set, picked, last = set(wanted), {}, wanted[-1]
         with av.open(path) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for i, frame in enumerate(container.decode(stream)):
-                if i in wanted:
+                if i in wanted_set:
                     picked[i] = frame.to_ndarray(format="rgb24")
                 if i >= last:
                     break
@@ -75,7 +74,7 @@ def read_video(path: str, num_frames: int) -> list[np.ndarray]:
         raise VideoError(f"video {path} is too short: {exc}") from None
     except (av.FFmpegError, IndexError, OSError, UnicodeDecodeError) as exc:
         raise VideoError(f"video {path} cannot be decoded ({type(exc).__name__}: {exc})") from None
-    if len(picked) != len(set(wanted)):
+    if len(picked) != len(wanted_set):
         # The container promised `total` frames but fewer decoded: a truncated or damaged file.
         raise VideoError(f"video {path} is too short or damaged: its header counts {total} frames but only "
                          f"{len(picked)} of the {num_frames} sampled ones decoded")

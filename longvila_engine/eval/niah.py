@@ -111,8 +111,9 @@ def make_sample(num_frames: int, depth: float, digit: int, seed: int, size: int 
 
 
 # Pixels <-> model frames: [-1.5, 1.5] <-> [0, 255], i.e. rescale 1/255, mean 0.5, std 1/3 (an image
-# processor's settings; 1/std = 3 is applied as a product so that 0 and 255 map to -1.5 and 1.5 exactly). The needle's levels (+-1.5) are 0 and 255, exact; the haystack is quantised
-# to 3/255 steps (error <= 0.006, far below the needle/haystack margin of 0.3).
+# processor's settings; 1/std = 3 is applied as a product, so 0 and 255 map to -1.5 and 1.5 exactly).
+# The needle's levels (+-1.5) are 0 and 255, exact; the haystack is quantised to 3/255 steps (error
+# <= 1.5/255 = 0.006, far below the needle/haystack margin of 0.3).
 PIXEL_MEAN, PIXEL_INV_STD = 0.5, 3.0
 
 
