@@ -14,7 +14,9 @@ parameters are tp shards.
 
 Gradient semantics (DESIGN.md section 6): a replica's loss is the SUM of its sp ranks' losses and
 replicas average, so the gradient is sum over dp_sp divided by dp. FSDP2 divides by the mesh size
-(dp*sp) by default; `set_gradient_divide_factor(dp)` makes it divide by dp instead.
+(dp*sp) by default; `set_gradient_divide_factor(dp)` makes it divide by dp instead. Gloo has no
+PREMUL_SUM, so off NCCL the reduce-scatter is a plain sum and FSDP scales before/after it. The root
+unit (embedding, head) is not resharded after forward: backward needs it at once.
 
 Mixed precision: `mixed_precision_policy(torch.bfloat16)` computes in bf16 with float32 master
 weights (the sharded parameters and the optimizer state stay float32) and float32 gradient
