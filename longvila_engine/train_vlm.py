@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["split_task", "parse_args", "build_vlm", "TrainableView", "train", "main"]
+__all__ = ["split_task", "parse_args", "build_vlm", "TrainableView", "check_processor_size", "train", "main"]
 
 FREEZABLE = ("vision", "llm", "projector")
 PATCHVIT = "patchvit"
@@ -223,6 +223,17 @@ def _build_data(args, tokens_per_frame: int):
                    truncate_frames=args.truncate_frames, skip_bad=args.skip_bad_samples)
 
 
+def check_processor_size(processor, image_size: int, where: str) -> None:
+    """The image processor must produce the frame size the tower was built for (else the tower's position
+    embeddings would not fit): one tiny image through it, at start-up."""
+    import numpy as np
+
+    out = processor(images=[np.zeros((8, 8, 3), dtype=np.uint8)], return_tensors="pt")["pixel_values"]
+    if tuple(out.shape[-2:]) != (image_size, image_size):
+        raise ValueError(f"--vision {where}: the image processor makes {tuple(out.shape[-2:])} frames but the "
+                         f"tower expects {image_size} x {image_size}; fix 'size' in preprocessor_config.json")
+
+
 class _SafePacks(torch.utils.data.Dataset):
     """Packs by step: item k is the pack of step start+k for this dp replica. A failing pack comes back
     as {'error': message} so the trainer can agree on it with the other ranks before raising."""
@@ -311,6 +322,7 @@ def train(args, progress: dict | None = None) -> list[dict]:
         print(format_state_bytes(state_bytes(view, optimizer), rank, sharded), file=sys.stderr, flush=True)
     progress["where"] = "indexing the data"
     data = _build_data(args, tokens_per_frame)
+    check_processor_size(data.image_processor, vlm.vision_tower.image_size, args.vision)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
     rep = data.report
     say(f"[vlm] {rep.rows} rows -> {len(data.samples)} samples in {len(data)} packs of <= {args.seq_len} tokens "

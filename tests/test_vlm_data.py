@@ -181,3 +181,11 @@ def test_clip_assets_move():
     right, left = clip_frames("red", "right"), clip_frames("red", "left")
     assert np.array_equal(right[0], left[-1]) and not np.array_equal(right[0], right[-1])
     assert torch.tensor(right).dtype == torch.uint8
+
+
+def test_processor_size_must_fit_the_tower(assets):
+    from longvila_engine.train_vlm import check_processor_size
+
+    check_processor_size(assets["processor"], 32, assets["vision"])  # SigLIP asset: 32 x 32 frames
+    with pytest.raises(ValueError, match="expects 64 x 64; fix 'size' in preprocessor_config.json"):
+        check_processor_size(assets["processor"], 64, assets["vision"])
