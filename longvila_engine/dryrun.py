@@ -716,20 +716,45 @@ def report(result: dict, cost: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+_GRAD_ON_FAKE_CUDA = """
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+with FakeTensorMode():
+    w = torch.empty(64, 64, device="cuda", requires_grad=True)
+    y = torch.empty(8, 64, device="cuda") @ w
+print("ok")
+"""
+
+
 def fake_cuda_forward() -> str:
-    """Whether a forward on fake CUDA tensors runs in this torch build; a one-line verdict."""
+    """Whether forwards on fake CUDA tensors run in this torch build; a one-line verdict.
+
+    Without autograd (no tensor requires grad): RMSNorm, embedding, a matmul and the flash SDPA op that
+    returns the log-sum-exp. With autograd recording (checked in a subprocess: it aborts the process
+    with a C++ `c10::Error`, not a Python exception, in CPU-only builds)."""
+    import subprocess
+
+    import torch.nn.functional as F
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     try:
         with FakeTensorMode():
-            q = torch.empty(1, 128, 4, 64, device="cuda", dtype=torch.bfloat16)
-            out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), q.transpose(1, 2),
-                                                                   q.transpose(1, 2), is_causal=True)
-            w = torch.empty(64, 64, device="cuda", dtype=torch.bfloat16)
-            y = out @ w
-        return f"yes: fake CUDA SDPA + matmul forward ran ({tuple(y.shape)}, {y.device})"
+            x = torch.empty(1, 128, 256, device="cuda", dtype=torch.bfloat16)
+            h = F.rms_norm(x, (256,), torch.empty(256, device="cuda", dtype=torch.bfloat16), 1e-5)
+            h = h + F.embedding(torch.zeros(1, 128, dtype=torch.long, device="cuda"),
+                                torch.empty(512, 256, device="cuda", dtype=torch.bfloat16))
+            q = (h @ torch.empty(256, 256, device="cuda", dtype=torch.bfloat16)).view(1, 128, 4, 64).transpose(1, 2)
+            out = torch.ops.aten._scaled_dot_product_flash_attention(q, q, q, 0.0, True)[0]
+        no_grad = f"yes without autograd (RMSNorm, embedding, matmul, flash SDPA -> {tuple(out.shape)} {out.device})"
     except Exception as exc:  # noqa: BLE001 - the verdict is the message
-        return f"no: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        no_grad = f"no, even without autograd: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    proc = subprocess.run([sys.executable, "-c", _GRAD_ON_FAKE_CUDA], capture_output=True, text=True, timeout=120)
+    if proc.returncode == 0 and "ok" in proc.stdout:
+        grad = "yes with autograd recording"
+    else:
+        why = next((ln.strip() for ln in proc.stderr.splitlines() if "what()" in ln), f"exit {proc.returncode}")
+        grad = f"no with autograd recording (the process aborts: {why})"
+    return f"{no_grad}; {grad}"
 
 
 # --- sweep --------------------------------------------------------------------------------------------------
