@@ -83,6 +83,8 @@ class ParallelGroups:
         """The groups of one process on `device` (default CPU): every axis of size 1, no collective.
         One object per device, so models and batches built apart still share it."""
         device = torch.device("cpu" if device is None else device)
+        if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one device
+            device = torch.device("cuda", torch.cuda.current_device())
         key = str(device)
         if key not in _SINGLE:
             groups = cls(layout=ParallelLayout(gpus_per_node=1), rank=0, world_size=1, timeout=DEFAULT_TIMEOUT,
