@@ -481,7 +481,7 @@ def run_step(model, optimizer, batch, groups) -> None:
     train.train_step(model, optimizer, batch, groups, grad_clip=1.0, autocast=False)
 
 
-def dry_run(cfg: DryRunConfig, *, progress=None) -> dict:
+def dry_run(cfg: DryRunConfig, *, progress=None, count_flops: bool = True) -> dict:
     """Run one training step of `cfg` as rank cfg.rank of a fake world; return the measurements.
 
     Keys: config, memory (peak bytes by category + detail), fits, flops (counter total, by op,
@@ -511,7 +511,8 @@ def dry_run(cfg: DryRunConfig, *, progress=None) -> dict:
             tracker = FSDPMemTracker(model, optimizer) if fsdp else MemTracker()
             if not fsdp:
                 tracker.track_external(model, optimizer)
-            counter = FlopCounterMode(display=False, custom_mapping=attention_flop_formulas())
+            counter = (FlopCounterMode(display=False, custom_mapping=attention_flop_formulas()) if count_flops
+                       else contextlib.nullcontext())
             logging_sync = None
             with _local_agreement(agreed_locally), _cuda_rms_norm(cfg.precision == "gpu"), tracker, counter, \
                     recorder:
@@ -528,14 +529,15 @@ def dry_run(cfg: DryRunConfig, *, progress=None) -> dict:
             progress.update(1)
         dev_snap = next(iter(snapshot.values())) if snapshot else {}
         memory = _regroup(dev_snap)
-        flops = {str(k): int(v) for k, v in counter.get_flop_counts().get("Global", {}).items()}
+        flops = ({str(k): int(v) for k, v in counter.get_flop_counts().get("Global", {}).items()}
+                 if count_flops else {})
         result = {
             "config": dataclasses.asdict(cfg) | {"dp": cfg.dp, "num_layers": model_config(cfg).num_layers},
             "tokens_local": int(batch.input_ids.numel()),
             "memory": memory,
             "memory_at_start": at_start,
             "fits": memory["total"] <= USABLE * HBM_BYTES,
-            "flops": {"total": int(counter.get_total_flops()), "by_op": flops,
+            "flops": {"total": int(counter.get_total_flops()) if count_flops else 0, "by_op": flops,
                       "attention_counted": sum(v for k, v in flops.items() if "longvila_engine" in k
                                                or "attention" in k),
                       "attention_rule": attention_rule_flops(cfg, model_config(cfg)),
@@ -583,28 +585,37 @@ def _padded(cfg: DryRunConfig) -> int:
 
 
 # --- depth extrapolation -----------------------------------------------------------------------------------
-def dry_run_extrapolated(cfg: DryRunConfig, depths=(2, 3), *, progress=None) -> dict:
+def dry_run_extrapolated(cfg: DryRunConfig, depths=(2, 3), *, progress=None, count_flops=True) -> dict:
     """Measure at two depths and extrapolate every memory category, the FLOPs and the bytes linearly to
     the preset's depth: value(L) = value(a) + (L - a) * (value(b) - value(a)) / (b - a).
 
-    Valid when the peak falls at the same point of the step at both depths (then only per-layer terms
-    differ). Checked: every category that is not per-layer (anything but activations, sharded
-    parameters, optimizer state) must agree between the two runs to 1% of the peak; otherwise (the
-    peak moved, e.g. from backward to the final reduce-scatter when activations are small) the preset's
-    full depth is run instead, and the result says so (`extrapolated_from_layers` absent)."""
+    Valid when the peak falls at the same point of the step at both depths and that point is where the
+    activations of every layer are alive (the start of backward): then only per-layer terms differ.
+    Checked: every category that is not per-layer (anything but activations, sharded parameters,
+    optimizer state) agrees between the two runs to 1% of the peak, and the activations grow with depth.
+    Otherwise (e.g. the peak sits at the final reduce-scatter while activations are small) the pair is
+    moved deeper (a, a+1) -> (2a, 2a+1) until it holds, and the preset's full depth runs when no pair
+    short of it does; `extrapolated_from_layers` says which pair was used (absent for a full run)."""
     full = get_preset_depth(cfg)
     a, b = depths
-    if full <= b:
-        return dry_run(dataclasses.replace(cfg, layers=None), progress=progress)
-    runs = [dry_run(dataclasses.replace(cfg, layers=d), progress=progress) for d in (a, b)]
     per_layer = {"Activation", "Sharded Param", "OptState", "Parameter", "Optstate"}
-    da, db = runs[0]["memory"]["detail"], runs[1]["memory"]["detail"]
-    moved = [k for k in set(da) | set(db) if k not in per_layer
-             and abs(da.get(k, 0) - db.get(k, 0)) > 0.01 * runs[1]["memory"]["total"]]
-    if moved:
-        out = dry_run(dataclasses.replace(cfg, layers=None), progress=progress)
-        out["extrapolation_refused"] = sorted(moved)
-        out["wall_s"] += sum(r["wall_s"] for r in runs)
+    tried = []
+    while b < full:
+        runs = [dry_run(dataclasses.replace(cfg, layers=d), progress=progress, count_flops=count_flops)
+                for d in (a, b)]
+        da, db = runs[0]["memory"]["detail"], runs[1]["memory"]["detail"]
+        moved = [k for k in set(da) | set(db) if k not in per_layer
+                 and abs(da.get(k, 0) - db.get(k, 0)) > 0.01 * runs[1]["memory"]["total"]]
+        grows = db.get("Activation", 0) > da.get("Activation", 0)
+        if not moved and grows:
+            break
+        tried.append({"layers": [a, b], "moved": sorted(moved), "activations_grow": grows,
+                      "wall_s": sum(r["wall_s"] for r in runs)})
+        a, b = 2 * a, 2 * a + 1
+    else:
+        out = dry_run(dataclasses.replace(cfg, layers=None), progress=progress, count_flops=count_flops)
+        out["extrapolation_refused"] = tried
+        out["wall_s"] += sum(t["wall_s"] for t in tried)
         return out
 
     def line(va, vb):
@@ -626,7 +637,9 @@ def dry_run_extrapolated(cfg: DryRunConfig, depths=(2, 3), *, progress=None) -> 
                     "fsdp_collectives": {k: line(ba["fsdp_collectives"].get(k, 0), v)
                                          for k, v in bb["fsdp_collectives"].items()}}
     out["extrapolated_from_layers"] = [a, b]
-    out["wall_s"] = sum(r["wall_s"] for r in runs)
+    if tried:
+        out["extrapolation_refused"] = tried
+    out["wall_s"] = sum(r["wall_s"] for r in runs) + sum(t["wall_s"] for t in tried)
     return out
 
 
@@ -765,7 +778,8 @@ SWEEP_WORLDS = (8, 32, 128, 256)
 
 def sweep(models=SWEEP_MODELS, seq_lens=SWEEP_SEQ, worlds=SWEEP_WORLDS, *, activation_checkpointing=False,
           json_path=None, show_progress=True) -> list[dict]:
-    """The README table: every (model, S, world) at MM-SP 2D (ulysses 8, ring world/8), depth-extrapolated."""
+    """The README table: every (model, S, world) at MM-SP 2D (ulysses 8, or `sweep_ulysses`; ring the rest),
+    depth-extrapolated, memory only (FLOPs are not counted in the sweep: it halves its time)."""
     from tqdm import tqdm
 
     rows = []
@@ -773,9 +787,10 @@ def sweep(models=SWEEP_MODELS, seq_lens=SWEEP_SEQ, worlds=SWEEP_WORLDS, *, activ
     with tqdm(total=2 * len(cases), desc="dry run sweep (2 depths each)", disable=not show_progress,
               file=sys.stderr) as bar:
         for model, seq_len, world in cases:
-            cfg = DryRunConfig(model=model, seq_len=seq_len, world=world, ring=world // 8, ulysses=8,
+            ulysses = sweep_ulysses(model)
+            cfg = DryRunConfig(model=model, seq_len=seq_len, world=world, ring=world // ulysses, ulysses=ulysses,
                                activation_checkpointing=activation_checkpointing)
-            result = dry_run_extrapolated(cfg, progress=bar)
+            result = dry_run_extrapolated(cfg, progress=bar, count_flops=False)
             result["cost_model"] = cost_model_view(result)
             rows.append(result)
             if json_path:
@@ -784,18 +799,30 @@ def sweep(models=SWEEP_MODELS, seq_lens=SWEEP_SEQ, worlds=SWEEP_WORLDS, *, activ
     return rows
 
 
+def sweep_ulysses(model: str) -> int:
+    """The Ulysses size of the sweep's MM-SP 2D layout: 8 (one node), or the largest size <= 8 the head
+    counts allow (qwen2_7b: 28 query heads, so 4)."""
+    from .attention.ulysses import ulysses_sizes_for
+    from .models import get_config
+
+    config = get_config(model)
+    return max(u for u in ulysses_sizes_for(config.num_heads, config.num_kv_heads) if u <= 8)
+
+
 def sweep_table(rows: list[dict]) -> str:
-    head = ("| model | seq | ranks | params | grads | optimizer | activations | temporaries | peak GiB | fits 72 GiB "
-            "| cost model GiB |")
-    lines = [head, "|" + "---|" * 11]
+    head = ("| model | seq | ranks (ring x U) | params | grads | optimizer | activations | temporaries | peak GiB "
+            "| fits 72 GiB | cost model GiB | layers run |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         m, c = r["memory"], r["config"]
         cm = r.get("cost_model") or {}
         cm_total = cm.get("memory", {}).get("total")
-        lines.append(f"| {c['model']} | {_tokens(c['seq_len'])} | {c['world']} | "
+        depth = r.get("extrapolated_from_layers")
+        lines.append(f"| {c['model']} | {_tokens(c['seq_len'])} | {c['world']} ({c['ring']} x {c['ulysses']}) | "
                      + " | ".join(_gib(m[k]) for k in CATEGORIES)
                      + f" | {_gib(m['total'])} | {'yes' if r['fits'] else 'no'} | "
-                     + (f"{_gib(cm_total)}" if cm_total is not None else "-") + " |")
+                     + (f"{_gib(cm_total)}" if cm_total is not None else "-")
+                     + f" | {f'{depth[0]}, {depth[1]}' if depth else 'all'} |")
     return "\n".join(lines)
 
 
