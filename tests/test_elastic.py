@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -227,3 +228,34 @@ def test_failed_collective_names_the_innermost_collective():
         raise ValueError("not a collective")
     except ValueError as exc:
         assert elastic.failed_collective(exc.__traceback__) is None
+
+
+_WATCHDOG = """
+import os, signal, sys, time
+from longvila_engine import elastic
+p = elastic.Preemption(grace_s=1.0, describe=lambda: "[probe]").install()
+if sys.argv[1] == "armed":
+    p.arm()
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(float(sys.argv[2]))  # a rank stuck in a collective: never reaches a step boundary
+print("still here", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode,expect", [("unarmed", "outside the training loop"), ("armed", "grace of 1 s expired")])
+def test_sigterm_never_leaves_a_rank_behind(mode, expect):
+    start = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", _WATCHDOG, mode, "30"], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert res.returncode == 143, res.stderr
+    assert expect in res.stderr and "still here" not in res.stdout
+    assert time.monotonic() - start < 20
+
+
+def test_batches_follow_the_sample_index_not_the_step():
+    from longvila_engine.train import SyntheticTokens, global_batch
+
+    data = SyntheticTokens(vocab_size=64, seq_len=8, seed=2)
+    # A resume at sample 6 reads samples 6.. whatever the batch size is now.
+    assert torch.equal(global_batch(data, 6, 3, None), torch.stack([data.sample(i) for i in (6, 7, 8)]))
+    assert elastic.DataPosition.epoch_of(25, 10) == 2 and elastic.DataPosition.epoch_of(25, None) == 0
