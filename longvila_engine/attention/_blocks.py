@@ -33,7 +33,7 @@ from ..ops import acc_dtype, block_attention, block_attention_backward, visible_
 from ..parallel.zigzag import global_chunks, ring_chunks
 
 __all__ = ["Block", "plan_blocks", "split_chunks", "new_accumulators", "forward_blocks", "backward_blocks",
-           "backward_parts", "chunk_ranges", "global_chunks"]
+           "finish_forward", "backward_parts", "chunk_ranges", "global_chunks"]
 
 # The layout arithmetic lives in parallel/zigzag.py; these names stay for the benchmarks that plan blocks.
 chunk_ranges = ring_chunks
@@ -127,6 +127,13 @@ def new_accumulators(q_chunks):
     lses = [torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc, device=q.device)
             for q in q_chunks]
     return outs, lses
+
+
+def finish_forward(ctx, q, k, v, outs, lses):
+    """Concatenate the chunk accumulators into out (q's dtype); save (q, k, v, out, lse) for backward."""
+    out = torch.cat(outs, dim=1).to(q.dtype)
+    ctx.save_for_backward(q, k, v, out, torch.cat(lses, dim=2))
+    return out
 
 
 def backward_parts(q, out, dout, lse, q_chunks):

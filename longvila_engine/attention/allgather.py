@@ -23,7 +23,14 @@ from torch.autograd.function import once_differentiable
 
 from ..comm.counted import all_gather_into, reduce_scatter_into
 from ..ops import acc_dtype
-from ._blocks import backward_blocks, backward_parts, forward_blocks, new_accumulators, split_chunks
+from ._blocks import (
+    backward_blocks,
+    backward_parts,
+    finish_forward,
+    forward_blocks,
+    new_accumulators,
+    split_chunks,
+)
 from .plan import check_qkv_local, plan_batch, qkv_fields
 
 __all__ = ["allgather_kv_attention"]
@@ -84,10 +91,8 @@ class _AllGatherKVAttention(torch.autograd.Function):
         outs, lses = new_accumulators(q_parts)
         forward_blocks(q_parts, k_all, v_all, blocks, outs, lses, softmax_scale=softmax_scale,
                        backend=backend)
-        out = torch.cat(outs, dim=1).to(q.dtype)
-        ctx.save_for_backward(q, k_all, v_all, out, torch.cat(lses, dim=2))
         ctx.args = (plan, blocks, softmax_scale, backend, k.dtype)
-        return out
+        return finish_forward(ctx, q, k_all, v_all, outs, lses)
 
     @staticmethod
     @once_differentiable

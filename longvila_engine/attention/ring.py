@@ -25,7 +25,14 @@ from torch.autograd.function import once_differentiable
 from ..comm.ring import RingExchange
 from ..ops import acc_dtype
 from ..parallel.zigzag import check_scheme
-from ._blocks import backward_blocks, backward_parts, forward_blocks, new_accumulators, split_chunks
+from ._blocks import (
+    backward_blocks,
+    backward_parts,
+    finish_forward,
+    forward_blocks,
+    new_accumulators,
+    split_chunks,
+)
 from .plan import check_qkv_local, plan_batch, qkv_fields, ring_steps
 
 __all__ = ["ring_attention", "ring_plan"]
@@ -84,10 +91,8 @@ class _RingAttention(torch.autograd.Function):
                            backend=backend)  # ... while this one is computed
             if step < last:
                 k_cur, v_cur = exchange.wait()
-        out = torch.cat(outs, dim=1).to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, torch.cat(lses, dim=2))
         ctx.args = (groups, q_chunks, plan, softmax_scale, backend)
-        return out
+        return finish_forward(ctx, q, k, v, outs, lses)
 
     @staticmethod
     @once_differentiable
