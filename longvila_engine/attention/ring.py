@@ -1,4 +1,4 @@
-"""Ring attention over `groups.ring`, zigzag load-balanced, with packed varlen (DESIGN.md sections 4, 5).
+"""Ring attention over `groups.ring`, zigzag load-balanced, with packed varlen (docs/design.md sections 4, 5).
 
 Every ring rank holds the queries of its local sequence and, at step s, the K/V block that started on
 ring rank r-s. While that block is computed (block_attention resuming into float32 accumulators), the

@@ -1,4 +1,4 @@
-"""`sequence_parallel_attention`: the one entry point of MM-SP 2D attention (DESIGN.md section 5).
+"""`sequence_parallel_attention`: the one entry point of MM-SP 2D attention (docs/design.md section 5).
 
 Inputs are this rank's sequence shard (as `shard_sequence` cuts it) with this tensor-parallel rank's
 heads. The layout decides the algorithm:

@@ -1,6 +1,6 @@
 """Sequence sharding over the sequence-parallel group: layout, padding and the shard/unshard pair.
 
-Layout (DESIGN.md section 4), for a padded length L_p, ring size R, Ulysses size U and
+Layout (docs/design.md section 4), for a padded length L_p, ring size R, Ulysses size U and
 sp index i = ulysses_rank + U * ring_rank (the order of `layout.group_ranks('sp', ...)`):
 
 - `scheme="zigzag"`: cut the sequence into 2R chunks of L_p/(2R); ring rank r holds chunks r and

@@ -1,4 +1,4 @@
-"""Ulysses (all-to-all) sequence-parallel attention over `groups.ulysses` (DESIGN.md section 5).
+"""Ulysses (all-to-all) sequence-parallel attention over `groups.ulysses` (docs/design.md section 5).
 
 Each Ulysses rank starts with its sequence shard and all of its H_local query heads. One all-to-all
 gives every rank the Ulysses group's whole sequence (the U shards in Ulysses-rank order, i.e. the

@@ -1,4 +1,4 @@
-"""Ulysses all-to-all and all-to-all-v as autograd pairs (DESIGN.md sections 5, 7 and 9).
+"""Ulysses all-to-all and all-to-all-v as autograd pairs (docs/design.md sections 5, 7 and 9).
 
 Each collective is a `torch.autograd.Function` whose backward is the conjugate collective, in the
 manner of Megatron's `tensor_parallel/mappings.py`:

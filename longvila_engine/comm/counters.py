@@ -1,4 +1,4 @@
-"""Per-group traffic counters (DESIGN.md section 9).
+"""Per-group traffic counters (docs/design.md section 9).
 
 Every communication wrapper records the bytes this rank sent on a group axis and the seconds it
 waited for completion; the layout labels the traffic intra-node (NVLink-like) or inter-node. The

@@ -1,4 +1,4 @@
-"""`RingExchange`: one asynchronous step of passing tensors around the ring (DESIGN.md section 5).
+"""`RingExchange`: one asynchronous step of passing tensors around the ring (docs/design.md section 5).
 
 `start(tensors)` posts, in one `dist.batch_isend_irecv`, a send of every tensor to the next ring rank
 and a receive of a same-shaped tensor from the previous one, and returns at once; `wait()` blocks

@@ -1,5 +1,5 @@
 """Sequence-parallel inference: prefill keeps each rank's KV cache in place, decoding merges the ranks'
-partial attention by log-sum-exp (DESIGN.md section 8). `generate` is the greedy entry point."""
+partial attention by log-sum-exp (docs/design.md section 8). `generate` is the greedy entry point."""
 from .generate import GenerationOutput, generate
 from .kv_cache import KVCache
 

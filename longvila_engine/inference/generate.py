@@ -1,4 +1,4 @@
-"""Sequence-parallel greedy generation for `VisionLanguageModel` (DESIGN.md section 8).
+"""Sequence-parallel greedy generation for `VisionLanguageModel` (docs/design.md section 8).
 
 Prefill is the training forward without a loss: the two-stage MM-SP sharding (frames split over the sp
 group, visual tokens moved by one all-to-all-v, zigzag token layout) and sequence-parallel attention.

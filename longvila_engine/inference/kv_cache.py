@@ -6,7 +6,7 @@ sequence-parallel shard, after RoPE, padding rows dropped) or, while the cache i
 one new token over the cache. One K and one V buffer of shape (layers, 1, capacity, H_kv, D) are
 allocated up front; nothing is concatenated or reallocated while decoding.
 
-Decoding over the sp group (DESIGN.md section 8): the new token's K/V is written by one rank only (the
+Decoding over the sp group (docs/design.md section 8): the new token's K/V is written by one rank only (the
 `owner` of the step, round-robin), every rank attends over its own rows, and the partial
 (out, lse) of the ranks are all-gathered over sp and merged by log-sum-exp in sp order, so every rank
 computes the same result from the same bytes.

@@ -20,7 +20,7 @@ Labels. HF's own loss shifts labels inside each shard, which drops the target at
 divides by a per-shard count. So `shard_batch` shifts globally before sharding (the target of the
 last token of each packed sequence is ignored), returns the result as `shift_labels`, and the model
 must not get `labels` (refused). `sequence_parallel_loss` divides this rank's CE sum by the global
-count of supervised tokens (DESIGN.md section 6).
+count of supervised tokens (docs/design.md section 6).
 
 Refused loudly (ValueError) rather than computed differently from transformers: other model classes,
 tensor parallelism, attention dropout, a sliding window shorter than the sequence, attention masks,
@@ -313,7 +313,7 @@ def shard_batch(batch: dict, groups: ParallelGroups, *, scheme: str = "zigzag",
 
 def sequence_parallel_loss(logits_or_model_output, labels_local: torch.Tensor, groups: ParallelGroups,
                            ignore_index: int = -100) -> torch.Tensor:
-    """This rank's share of the mean next-token cross-entropy of the global batch (DESIGN.md section 6).
+    """This rank's share of the mean next-token cross-entropy of the global batch (docs/design.md section 6).
 
     `logits_or_model_output`: logits (B, S_local, V) or a model output with `.logits`;
     `labels_local` (B, S_local): already shifted (`shard_batch(...)['shift_labels']`).

@@ -1,4 +1,4 @@
-"""The training loss of a sequence-parallel step (DESIGN.md section 6), and the batch preparation it needs.
+"""The training loss of a sequence-parallel step (docs/design.md section 6), and the batch preparation it needs.
 
 Rules:
 - Labels are shifted GLOBALLY, on the whole sample, before sharding (`shift_labels`): token t's

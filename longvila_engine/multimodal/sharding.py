@@ -1,4 +1,4 @@
-"""The two-stage MM-SP sharding plan (DESIGN.md section 7): integer bookkeeping on the host, no tensors of floats.
+"""The two-stage MM-SP sharding plan (docs/design.md section 7): integer bookkeeping on the host, no tensors of floats.
 
 Every rank of a sequence-parallel group gets the same global sample: token ids with one placeholder
 (`image_token_id`) per frame, the frames, the labels, optional packed boundaries. Each placeholder

@@ -1,4 +1,4 @@
-"""`ParallelLayout`: the four parallel axes and pure rank arithmetic (DESIGN.md section 3).
+"""`ParallelLayout`: the four parallel axes and pure rank arithmetic (docs/design.md section 3).
 
 Ranks vary fastest along `tp`, then `ulysses`, then `ring`, then `dp`, so tensor-parallel and Ulysses
 groups sit inside a node and the ring crosses nodes. Everything here is arithmetic on integers: it
@@ -106,7 +106,7 @@ class ParallelLayout:
         """Global ranks of the `axis` group containing `rank`, ordered by index within the group.
 
         For composite axes ('sp', 'dp_sp') the index is ulysses-fastest, matching the sequence order
-        of the shards (DESIGN.md section 4).
+        of the shards (docs/design.md section 4).
         """
         moving = self._axes(axis)
         base = self.coords(rank)

@@ -1,4 +1,4 @@
-"""Vocab-parallel, sequence-chunked cross-entropy straight from hidden states (DESIGN.md section 6).
+"""Vocab-parallel, sequence-chunked cross-entropy straight from hidden states (docs/design.md section 6).
 
 The output projection and the loss are fused: logits are computed chunk by chunk (a few hundred tokens
 at a time) from the final hidden states and this rank's vocabulary shard of the output weight, so
