@@ -190,6 +190,7 @@ def test_cuda_kernel_choice(monkeypatch):
     assert aten.cuda_kernel(torch.float32, False, 128, 128, 64) == "efficient"
     monkeypatch.setenv("LONGVILA_ATEN_CUDA_KERNEL", "cudnn")
     assert aten.cuda_kernel(torch.float16, False, 64, 64, 64) == "cudnn"
+    assert aten.cuda_kernel(torch.float16, True, 64, 96, 64) == "efficient"  # the top-left causal mask
     monkeypatch.setenv("LONGVILA_ATEN_CUDA_KERNEL", "fast")
     with pytest.raises(ValueError, match="LONGVILA_ATEN_CUDA_KERNEL='fast'"):
         aten.cuda_kernel(torch.float16, False, 64, 64, 64)

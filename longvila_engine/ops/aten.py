@@ -3,7 +3,7 @@
 CPU: `aten::_scaled_dot_product_flash_attention_for_cpu` and its `_backward`. CUDA:
 `_scaled_dot_product_flash_attention` (fp16/bf16), `_scaled_dot_product_efficient_attention` (fp32,
 or causal with S_q != S_k), `_scaled_dot_product_cudnn_attention` when LONGVILA_ATEN_CUDA_KERNEL=cudnn
-asks for it, each with its `_backward` op.
+asks for it (on square or non-causal blocks), each with its `_backward` op.
 
 Conventions checked against `reference`: the ops take (B, H, S, D) views (a transpose of our (B, S, H, D),
 no copy) and return a natural-log lse of (B, H, S) in float32 (float64 for float64 on CPU); the
@@ -42,15 +42,16 @@ _ENV_KERNEL = "LONGVILA_ATEN_CUDA_KERNEL"
 
 def cuda_kernel(dtype: torch.dtype, causal: bool, seqlen_q: int, seqlen_k: int, head_dim: int) -> str:
     """Which fused CUDA op runs this block: LONGVILA_ATEN_CUDA_KERNEL if set, else flash for
-    fp16/bf16 (head dim a multiple of 8 up to 256, causal only on square blocks), else efficient."""
+    fp16/bf16 (head dim a multiple of 8 up to 256), else efficient. A causal block with S_q != S_k
+    always takes efficient, the one whose mask is documented top-left (flash aligns it bottom-right)."""
+    square_or_full = not causal or seqlen_q == seqlen_k
     forced = os.environ.get(_ENV_KERNEL)
     if forced:
         if forced not in CUDA_KERNELS:
             raise ValueError(f"{_ENV_KERNEL}={forced!r} is unknown; choose one of {CUDA_KERNELS} or unset it")
-        return forced
+        return forced if square_or_full else "efficient"
     if dtype == torch.float32:
         return "efficient"
-    square_or_full = not causal or seqlen_q == seqlen_k
     if square_or_full and head_dim % 8 == 0 and head_dim <= 256:
         return "flash"
     return "efficient"
