@@ -53,7 +53,8 @@ def main(argv=None) -> int:
           f"GPU visible: {torch.cuda.is_available()}")
     print(f"{'operator':34} {'CPU':5} {'CUDA':5} note")
     for row in table:
-        print(f"{row['op']:34} {'yes' if row['CPU'] else 'no':5} {'yes' if row['CUDA'] else 'NO':5} {row['note']}")
+        cuda = "yes" if row["CUDA"] else ("-" if row["note"] else "NO")
+        print(f"{row['op']:34} {'yes' if row['CPU'] else 'NO':5} {cuda:5} {row['note']}")
 
     # The CPU kernels of this CUDA build still work (zigzag is a pure permutation: exact).
     x = torch.arange(2 * 8 * 3, dtype=torch.float32).reshape(2, 8, 3)
