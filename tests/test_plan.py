@@ -9,6 +9,7 @@ test wraps every torch.distributed collective and every host-sync Tensor method 
 Also the layout arithmetic of `parallel/zigzag.py` against the shard positions, the single-process
 `ParallelGroups`, the device binding of `init_parallel` under NCCL, and a step under FakeTensorMode.
 """
+import traceback
 from collections import Counter
 
 import pytest
@@ -38,6 +39,7 @@ class _Counting:
 
     def __init__(self):
         self.calls = Counter()
+        self.sync_sites = Counter()  # engine file of each host sync
         self._saved = []
 
     def __enter__(self):
@@ -46,6 +48,9 @@ class _Counting:
 
             def counted(*args, **kwargs):
                 self.calls[key] += 1
+                if key.startswith("sync:"):
+                    frames = [f.filename for f in traceback.extract_stack() if "longvila_engine" in f.filename]
+                    self.sync_sites[frames[-1].split("longvila_engine")[-1] if frames else "outside"] += 1
                 return original(*args, **kwargs)
             self._saved.append((owner, name, original))
             setattr(owner, name, counted)
@@ -77,7 +82,7 @@ def _count_step(num_layers, packed):
     with _Counting() as step:
         loss = model(batch.input_ids, batch.positions, batch.labels, batch.cu_seqlens, plan=batch.plan)
         loss.backward()
-    return dict(planning.calls), dict(step.calls), dict(groups.stats.calls), plan_checks
+    return dict(planning.calls), dict(step.calls), dict(groups.stats.calls), plan_checks, dict(step.sync_sites)
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -87,7 +92,7 @@ def test_step_traffic_is_per_layer_ring_and_ulysses_only(pool, packed):
     # One layer on ring 2 x ulysses 2: forward 3 all-to-alls (q, k+v, out) and R-1 = 1 K/V shift;
     # backward 3 all-to-alls, R-1 = 1 K/V shift and R = 2 dK/dV shifts.
     per_layer = Counter({"all_to_all_single": 6, "batch_isend_irecv": 4})
-    for rank, ((plan2, step2, stats2, checks2), (plan4, step4, stats4, checks4)) in enumerate(zip(two, four)):
+    for rank, ((plan2, step2, stats2, checks2, _), (plan4, step4, stats4, checks4, sites)) in enumerate(zip(two, four)):
         assert checks2 == checks4 == 1, (rank, checks2, checks4)  # planning: one agreement
         assert plan2.get("all_gather", 0) == plan4.get("all_gather", 0) == 1, (plan2, plan4)
         if packed:  # the counter sees host syncs: planning copies cu_seqlens to the host
@@ -103,9 +108,11 @@ def test_step_traffic_is_per_layer_ring_and_ulysses_only(pool, packed):
         assert "check" not in stats2 and "check" not in stats4, (rank, stats4)
         assert stats4["ring"] - stats2["ring"] == 2 * 4 * 2, (rank, stats2, stats4)  # 2 tensors per shift
         assert stats4["ulysses"] - stats2["ulysses"] == 2 * 6, (rank, stats2, stats4)
-        if not packed:  # packed batches: the CPU kernels validate their cu_seqlens values on the host
-            syncs = {k: v for k, v in step4.items() if k.startswith("sync:")}
-            assert syncs == {}, (rank, syncs)
+        syncs = {k: v for k, v in step4.items() if k.startswith("sync:")}
+        if packed:  # only the CPU kernels' own check of cu_seqlens values (skipped for GPU tensors)
+            assert set(sites) == {"/ops/_validate.py"}, (rank, sites)
+        else:
+            assert syncs == {}, (rank, syncs, sites)
 
 
 def _mismatched_batch_case():
