@@ -300,11 +300,12 @@ def read_meta(path: str) -> dict:
     return meta
 
 
-def verify_checkpoint(path: str) -> list[str]:
+def verify_checkpoint(path: str, *, hashes: bool = True) -> list[str]:
     """What is wrong with the checkpoint `path` ([] when intact): each item names the bad file.
 
-    Checks meta.json, then every recorded file's presence, size (a truncated file) and SHA-256 (an
-    altered one). A checkpoint without recorded checksums (older format) only needs its meta.json.
+    Checks meta.json, then every recorded file's presence, size (a truncated file) and, with `hashes`,
+    SHA-256 (an altered one). A checkpoint without recorded checksums (older format) only needs its
+    meta.json.
     """
     try:
         meta = read_meta(path)
@@ -319,7 +320,7 @@ def verify_checkpoint(path: str) -> list[str]:
         size = os.path.getsize(file)
         if size != want["bytes"]:
             problems.append(f"{file} is truncated or extended: {size} bytes, {want['bytes']} recorded")
-        elif _sha256(file) != want["sha256"]:
+        elif hashes and _sha256(file) != want["sha256"]:
             problems.append(f"{file} is altered: its SHA-256 differs from the one recorded in {META}")
     return problems
 
@@ -348,15 +349,15 @@ def load_checkpoint(path: str, model, optimizer, groups, *, verify: bool = False
     """Load a checkpoint saved under any layout into this rank's shards, in place; returns meta.json.
 
     FSDP2-sharded and replicated models load each other's checkpoints; `groups=None` loads the dense
-    tensors in this process alone (no collective, as the export CLI does). With `verify`, the checksums
-    are checked first (every file read once more). Raises ValueError when `path` is not a complete,
-    readable checkpoint, naming the bad file when one is known.
+    tensors in this process alone (no collective, as the export CLI does). File sizes are always
+    checked against meta.json first (a truncated file fails here, on every rank, naming it); with
+    `verify` the SHA-256 sums too (every file read once more). Raises ValueError when `path` is not a
+    complete, readable checkpoint, naming the bad file when one is known.
     """
     meta = read_meta(path)
-    if verify:
-        problems = verify_checkpoint(path)
-        if problems:
-            raise ValueError(f"checkpoint {path} is damaged: {'; '.join(problems)}")
+    problems = verify_checkpoint(path, hashes=verify)  # sizes always (one stat per file), hashes on request
+    if problems:
+        raise ValueError(f"checkpoint {path} is damaged: {'; '.join(problems)}")
     import torch.distributed.checkpoint as dcp
 
     state = checkpoint_state(model, optimizer, groups)

@@ -10,7 +10,8 @@ On 4 gloo ranks (a pool):
 - FSDP shards of uneven size (50 vocabulary rows over 4 ranks) save, and load in one process
   without groups, exactly.
 - `verify_checkpoint` / `latest_intact_checkpoint` name a truncated and an altered file and fall back
-  to the newest intact step; `load_checkpoint` on a damaged step raises a ValueError naming the file.
+  to the newest intact step; `load_checkpoint` on a truncated step (one process) raises a ValueError
+  naming the file before DCP reads it.
 
 With the trainer (ranks started by hand, so every rank's exit code is seen): tp2 x ring2 with FSDP
 starts from a Hugging Face directory (`--init-from`), prints the per-rank bytes line, saves every
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from dist_pool import groups_for
 
@@ -266,3 +268,17 @@ def _uneven(root):
 
 def test_uneven_fsdp_shards_round_trip(pool, tmp_path):
     assert all(pool.run(_uneven, str(tmp_path / "uneven")))
+
+
+def test_load_names_a_truncated_file_before_reading(tmp_path):
+    """An explicit step with a truncated file: ValueError naming it (no raw DCP EOFError)."""
+    from longvila_engine.checkpoint import load_checkpoint, save_checkpoint
+    from longvila_engine.models import Transformer, get_config
+
+    model = Transformer(get_config("tiny"), None, seed=1)
+    path = save_checkpoint(str(tmp_path), 1, model, None, None)
+    victim = sorted(f for f in os.listdir(path) if f.endswith(".distcp"))[0]
+    with open(os.path.join(path, victim), "r+b") as f:
+        f.truncate(3)
+    with pytest.raises(ValueError, match=f"{victim} is truncated"):
+        load_checkpoint(path, Transformer(get_config("tiny"), None), None, None)
