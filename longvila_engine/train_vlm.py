@@ -298,7 +298,7 @@ def train(args, progress: dict | None = None) -> list[dict]:
     from tqdm import tqdm
 
     from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-    from .data import VLMData, collate_identity, load_tokenizer
+    from .data import collate_identity, image_token_id, load_tokenizer
     from .tensor_parallel.mappings import all_reduce
     from .train import average_gradients, build_optimizer, clip_grad_norm_, init_distributed
 
@@ -307,8 +307,7 @@ def train(args, progress: dict | None = None) -> list[dict]:
     groups = init_distributed(args)
     rank = dist.get_rank()
     progress["rank"] = rank
-    image_token_id = VLMData._image_token_id(load_tokenizer(args.llm), args.image_token)
-    vlm, tokens_per_frame = build_vlm(args, groups, image_token_id)
+    vlm, tokens_per_frame = build_vlm(args, groups, image_token_id(load_tokenizer(args.llm), args.image_token))
     sharded = args.fsdp == "on" or (args.fsdp == "auto" and groups.dp_sp_size > 1)
     if sharded:
         from .fsdp import shard_model

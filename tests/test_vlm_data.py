@@ -189,3 +189,11 @@ def test_processor_size_must_fit_the_tower(assets):
     check_processor_size(assets["processor"], 32, assets["vision"])  # SigLIP asset: 32 x 32 frames
     with pytest.raises(ValueError, match="expects 64 x 64; fix 'size' in preprocessor_config.json"):
         check_processor_size(assets["processor"], 64, assets["vision"])
+
+
+def test_image_token_must_be_one_token(assets):
+    from longvila_engine.data import image_token_id
+
+    assert image_token_id(assets["tokenizer"], "<image>") == assets["tokenizer"].convert_tokens_to_ids("<image>")
+    with pytest.raises(ValueError, match="no single token '<frame>'"):
+        _data(assets, image_token="<frame>")

@@ -41,7 +41,7 @@ import torch
 
 from .video import VideoError, load_frames
 
-__all__ = ["VLMSample", "VLMData", "load_tokenizer", "load_image_processor", "collate_identity"]
+__all__ = ["VLMSample", "VLMData", "load_tokenizer", "load_image_processor", "image_token_id", "collate_identity"]
 
 IGNORE_INDEX = -100
 MARKER = "<video>"
@@ -72,6 +72,16 @@ def load_image_processor(path: str):
     # transformers notes once that it uses the Pillow backend when torchvision is absent: not a problem.
     logging.getLogger("transformers").setLevel(logging.ERROR)
     return AutoImageProcessor.from_pretrained(path, local_files_only=True)
+
+
+def image_token_id(tokenizer, token: str) -> int:
+    """The id of `token`, which must be one token of `tokenizer` (the frame placeholder)."""
+    ids = tokenizer.convert_tokens_to_ids([token])
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if not ids or ids[0] is None or ids[0] == unk or len(tokenizer(token, add_special_tokens=False).input_ids) != 1:
+        raise ValueError(f"the tokenizer has no single token {token!r} for image placeholders; add it as a "
+                         f"special token (tokenizer.add_special_tokens) or pass --image-token with one it has")
+    return int(ids[0])
 
 
 def collate_identity(pack):
@@ -112,7 +122,7 @@ class VLMData(torch.utils.data.Dataset):
         self.num_frames, self.seq_len, self.tokens_per_frame = num_frames, seq_len, tokens_per_frame
         self.truncate_frames, self.skip_bad, self.min_frames = truncate_frames, skip_bad, min_frames
         self.image_token = image_token
-        self.image_token_id = self._image_token_id(tokenizer, image_token)
+        self.image_token_id = image_token_id(tokenizer, image_token)
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("the LLM's tokenizer has no chat template (tokenizer_config.json 'chat_template' or "
                              "chat_template.jinja); add one so prompts are formatted as in the model's training")
@@ -124,15 +134,6 @@ class VLMData(torch.utils.data.Dataset):
                              f"{self.report.skipped[:3]}...); nothing to train on")
 
     # --- index --------------------------------------------------------------------------------------
-    @staticmethod
-    def _image_token_id(tokenizer, token: str) -> int:
-        ids = tokenizer.convert_tokens_to_ids([token])
-        unk = getattr(tokenizer, "unk_token_id", None)
-        if not ids or ids[0] is None or ids[0] == unk or len(tokenizer(token, add_special_tokens=False).input_ids) != 1:
-            raise ValueError(f"the tokenizer has no single token {token!r} for image placeholders; add it as a "
-                             f"special token (tokenizer.add_special_tokens) or pass --image-token with one it has")
-        return int(ids[0])
-
     def _where(self, line: int) -> str:
         return f"{self.path}, line {line}"
 
