@@ -193,3 +193,31 @@ def test_planned_step_runs_under_fake_tensor_mode():
         loss = model(fake_ids, mode.from_tensor(batch.positions), mode.from_tensor(batch.labels), plan=batch.plan)
         loss.backward()
     assert loss.shape == () and type(loss).__name__ == "FakeTensor"
+
+
+def _hf_step_checks(num_layers, keep_plan):
+    """Agreement calls inside one HF forward+backward on shard_batch's batch (with or without its plan)."""
+    import transformers
+
+    from longvila_engine.integrations import enable_sequence_parallel, sequence_parallel_loss, shard_batch
+
+    groups = groups_for(LAYOUT)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                      max_position_embeddings=64, attn_implementation="eager")
+    model = enable_sequence_parallel(transformers.LlamaForCausalLM(config).float(), groups, backend="reference")
+    ids = torch.randint(0, 64, (1, 30), generator=torch.Generator().manual_seed(3))
+    batch = shard_batch({"input_ids": ids, "labels": ids}, groups)
+    labels = batch.pop("shift_labels")
+    if not keep_plan:
+        batch.pop("sp_plan")
+    groups.stats.reset()
+    sequence_parallel_loss(model(**batch), labels, groups).backward()
+    return groups.stats.calls.get("check", 0)
+
+
+def test_hf_step_reads_the_plan_of_shard_batch(pool):
+    assert pool.run(_hf_step_checks, 2, True) == [0] * POOL_WORLD_SIZE
+    # Without the plan every layer agrees again (the fallback the plan removes).
+    assert pool.run(_hf_step_checks, 2, False) == [2] * POOL_WORLD_SIZE
