@@ -221,3 +221,19 @@ def test_hf_step_reads_the_plan_of_shard_batch(pool):
     assert pool.run(_hf_step_checks, 2, True) == [0] * POOL_WORLD_SIZE
     # Without the plan every layer agrees again (the fallback the plan removes).
     assert pool.run(_hf_step_checks, 2, False) == [2] * POOL_WORLD_SIZE
+
+
+def _vlm_step_checks():
+    from test_multimodal import LAYOUTS, SEVEN, _build, _sample
+
+    groups = groups_for(LAYOUTS["ring2_ulysses2"])
+    model = _build(groups)
+    ids, frames, labels = _sample(5, SEVEN)
+    groups.stats.reset()
+    model(ids, frames, labels).backward()
+    return groups.stats.calls.get("check", 0)
+
+
+def test_vlm_step_agrees_once_in_embed_shard(pool):
+    # embed_shard's one agreement (sample fingerprint, tokens per frame) also plans the language model.
+    assert pool.run(_vlm_step_checks) == [1] * POOL_WORLD_SIZE
