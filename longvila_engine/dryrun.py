@@ -827,7 +827,7 @@ def sweep_table(rows: list[dict]) -> str:
 
 
 def _tokens(n: int) -> str:
-    return f"{n / 2**20:g}M" if n >= 2**20 else f"{n // 1024}K"
+    return f"{n / 2**20:.3g}M" if n >= 2**20 else f"{n // 1024}K"
 
 
 # --- CLI ----------------------------------------------------------------------------------------------------
@@ -873,18 +873,27 @@ def main(argv=None) -> int:
 
 
 def longest_fitting(rows: list[dict]) -> str:
-    """Per model and rank count, the longest swept sequence whose peak fits 90% of 80 GiB."""
-    best: dict = {}
+    """Per model and rank count: the longest swept sequence whose measured peak fits 72 GiB, and the
+    longest sequence by the straight line through that rank count's measured peaks (peak memory per
+    rank is linear in the sequence at a fixed layout: activations grow with tokens, the rest is fixed)."""
+    groups: dict = {}
     for r in rows:
         c = r["config"]
-        key = (c["model"], c["world"])
-        if r["fits"]:
-            best[key] = max(best.get(key, 0), c["seq_len"])
-        else:
-            best.setdefault(key, 0)
-    lines = ["longest swept sequence that fits 72 GiB per rank:"]
-    for (model, world), s in sorted(best.items()):
-        lines.append(f"  {model} on {world} ranks: {_tokens(s) if s else 'none of the swept lengths'}")
+        groups.setdefault((c["model"], c["world"]), []).append((c["seq_len"], r["memory"]["total"]))
+    budget = USABLE * HBM_BYTES
+    lines = ["longest sequence that fits 72 GiB per rank (no activation checkpointing):",
+             "| model | ranks | longest swept length that fits | by the line through the measured peaks |",
+             "|---|---|---|---|"]
+    for (model, world), points in sorted(groups.items()):
+        fits = [s for s, total in points if total <= budget]
+        line = "-"
+        if len(points) >= 2:
+            n = len(points)
+            mx, my = sum(s for s, _ in points) / n, sum(t for _, t in points) / n
+            slope = sum((s - mx) * (t - my) for s, t in points) / sum((s - mx) ** 2 for s, _ in points)
+            longest = int((budget - (my - slope * mx)) / slope) // 1024 * 1024
+            line = _tokens(longest) if longest > 0 else "none"
+        lines.append(f"| {model} | {world} | {_tokens(max(fits)) if fits else 'none'} | {line} |")
     return "\n".join(lines)
 
 
