@@ -68,7 +68,7 @@ def _tp_mesh(groups):
 def _tp_dp_sp_mesh(groups):
     """A 2-D DeviceMesh (tp, dp_sp) over the whole job (built once per groups object).
 
-    Ranks vary fastest along tp, so rank = tp_rank + tp * dp_sp_rank (DESIGN.md section 3); row t of
+    Ranks vary fastest along tp, so rank = tp_rank + tp * dp_sp_rank (docs/design.md section 3); row t of
     the mesh is one dp_sp group, column j one tp group.
     """
     from torch.distributed.device_mesh import DeviceMesh

@@ -12,7 +12,7 @@ parameters are tp shards.
 | gathered | all-gather over dp_sp | all-gather again if resharded after forward |
 | gradients | - | reduce-scatter over dp_sp, divided by dp |
 
-Gradient semantics (DESIGN.md section 6): a replica's loss is the SUM of its sp ranks' losses and
+Gradient semantics (docs/design.md section 6): a replica's loss is the SUM of its sp ranks' losses and
 replicas average, so the gradient is sum over dp_sp divided by dp. FSDP2 divides by the mesh size
 (dp*sp) by default; `set_gradient_divide_factor(dp)` makes it divide by dp instead. Gloo has no
 PREMUL_SUM, so off NCCL the reduce-scatter is a plain sum and FSDP scales before/after it. The root
