@@ -130,3 +130,22 @@ def test_bf16_mixed_precision_policy_keeps_float32_masters(pool):
         # step (loss ~5.6, near uniform) the loss moved by 2e-5 relative when measured. 2e-3 allows
         # for rounding, while a loss equal to float32's would mean the policy never cast.
         assert fp32 != bf16 and abs(fp32 - bf16) <= 2e-3 * abs(fp32), (fp32, bf16)
+
+
+def test_fsdp_and_dtype_flags():
+    """--fsdp auto shards only with more than one dp_sp rank; on without a job is refused by name;
+    --dtype auto is float32 on CPU and bf16 compute over float32 masters on CUDA."""
+    import torch
+
+    from longvila_engine.parallel import ParallelGroups
+    from longvila_engine.train import resolve_dtypes, use_fsdp
+
+    one = ParallelGroups.single()
+    assert not use_fsdp(_args("auto"), one) and not use_fsdp(_args("off"), one)
+    with pytest.raises(ValueError, match="--fsdp on"):
+        use_fsdp(_args("on"), one)
+    assert resolve_dtypes("auto", "cpu") == (torch.float32, None)
+    assert resolve_dtypes("auto", "cuda") == (torch.float32, torch.bfloat16)
+    assert resolve_dtypes("bfloat16", "cuda") == (torch.bfloat16, None)
+    with pytest.raises(ValueError, match="--dtype 'float16'"):
+        resolve_dtypes("float16", "cpu")

@@ -175,3 +175,29 @@ def test_from_hf_on_tp2_ring2_fsdp_and_save_hf_round_trip(saved, pool, tmp_path)
         assert torch.equal(a, b), name
     _, logits_back = _reference(back, ids)
     torch.testing.assert_close(logits_back, logits_ref, rtol=0, atol=1e-6)
+
+
+def test_damaged_directories_name_the_file(saved, tmp_path):
+    import json
+    import shutil
+
+    path, _ = saved["llama"]
+    # A shard missing: the error names it.
+    broken = str(tmp_path / "missing")
+    shutil.copytree(path, broken)
+    victim = sorted(f for f in os.listdir(broken) if f.endswith(".safetensors"))[0]
+    os.remove(os.path.join(broken, victim))
+    with pytest.raises(ValueError, match=victim):
+        Transformer.from_hf(broken, None)
+    # config.json disagreeing with the tensors: the tensor and its file are named.
+    wrong = str(tmp_path / "wrong")
+    shutil.copytree(path, wrong)
+    with open(os.path.join(wrong, "config.json")) as f:
+        config = json.load(f)
+    config["intermediate_size"] = 48
+    with open(os.path.join(wrong, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match=r"gate_proj.weight' has shape \(64, 32\), the config implies \(48, 32\)"):
+        Transformer.from_hf(wrong, None)
+    with pytest.raises(ValueError, match="no config.json"):
+        Transformer.from_hf(str(tmp_path), None)

@@ -176,7 +176,12 @@ def load_hf_weights(model, path: str, hf: dict) -> None:
                 raise ValueError(f"{path!r} has no tensor {key!r} (needed for the engine's {name})")
             file = files[key]
             if file not in handles:
-                handles[file] = safe_open(file, framework="pt", device="cpu")
+                if not os.path.isfile(file):
+                    raise ValueError(f"{file} (listed in {INDEX} for {key!r}) does not exist")
+                try:
+                    handles[file] = safe_open(file, framework="pt", device="cpu")
+                except Exception as exc:  # safetensors raises its own error types for a damaged header
+                    raise ValueError(f"{file} is not a readable safetensors file ({exc})") from exc
             view = handles[file].get_slice(key)
             full = tuple(getattr(param, "tp_full_shape", tuple(param.shape)))
             if tuple(view.get_shape()) != full:
