@@ -106,6 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; 0 disables")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--autocast", action="store_true",
+                   help="bf16 autocast for the forward, float32 parameters, gradients and optimizer state")
     p.add_argument("--fsdp", default="auto", choices=["auto", "on", "off"],
                    help="FSDP2-shard parameters, gradients and AdamW state over dp_sp (fsdp.shard_model: each LLM "
                         "block a unit; tower, projector, embeddings and head in the root unit); auto: when dp*sp > 1")
@@ -127,6 +129,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError("--freeze vision,llm,projector leaves nothing to train; drop one of them")
     if args.resume == "latest" and not args.checkpoint_dir:
         raise ValueError("--resume without a path needs --checkpoint-dir")
+    if args.autocast and args.llm_impl == "hf":
+        raise ValueError("--autocast needs --llm-impl engine: transformers' attention upcasts q/k for RoPE and "
+                         "the sequence-parallel attention refuses mixed q/k/v dtypes")
     if args.tp > 1 and args.llm_impl == "hf":
         raise ValueError(f"--tp {args.tp} needs --llm-impl engine: transformers models run with tp=1 here")
     return args
@@ -365,8 +370,9 @@ def train(args, progress: dict | None = None) -> list[dict]:
                 frames = None if pack["frames"] is None else pack["frames"].to(vlm_device)
                 optimizer.zero_grad(set_to_none=True)
                 groups.stats.reset()
-                loss = vlm(pack["input_ids"].to(vlm_device), frames, pack["labels"].to(vlm_device),
-                           pack["cu_seqlens"])
+                with torch.autocast(vlm_device.type, dtype=torch.bfloat16, enabled=args.autocast):
+                    loss = vlm(pack["input_ids"].to(vlm_device), frames, pack["labels"].to(vlm_device),
+                               pack["cu_seqlens"])
                 loss.backward()
                 if not sharded:
                     average_gradients(view, groups)

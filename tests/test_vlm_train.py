@@ -95,8 +95,12 @@ def _bad_data(assets, tmp) -> str:
 
 def test_missing_video_stops_every_rank_with_file_and_line(assets, tmp_path):
     data = _bad_data(assets, tmp_path)
-    rc, out, rows = _run(2, [*_common(assets, data), "--steps", "4", "--ring", "2"], tmp_path, "bad", timeout=240)
+    # Under bf16 autocast too: step 1 (a good pack) must train, with a finite loss (a random model starts
+    # near ln(vocabulary) = 5.9).
+    rc, out, rows = _run(2, [*_common(assets, data), "--steps", "4", "--ring", "2", "--autocast"], tmp_path, "bad",
+                         timeout=240)
     assert rc != 0
+    assert 0 < rows[0]["loss"] < 20
     assert f"{data}, line 5" in out and "does not exist" in out and "--skip-bad-samples" in out
     assert len(rows) == 1  # pack 0 trained; pack 1 (lines 4-6) stopped both ranks at step 2
     assert out.count("FAILED during step 2") >= 1
