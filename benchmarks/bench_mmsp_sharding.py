@@ -3,7 +3,7 @@
 Both variants train the same `VisionLanguageModel` (PatchViT tower, MLPProjector, engine Transformer)
 on the same long-video sample, with the same token-balanced zigzag layout for the language model:
 
-- `balanced` (MM-SP, DESIGN.md section 7): stage 1 gives every rank an equal share of the frames,
+- `balanced` (MM-SP, docs/design.md section 7): stage 1 gives every rank an equal share of the frames,
   stage 2 moves the visual tokens to their layout positions with one all-to-all-v;
 - `by_position` (the one-stage baseline): each frame is encoded by the rank holding its first token,
   so the vision work follows the token layout; text-heavy shards encode few frames, video-heavy ones

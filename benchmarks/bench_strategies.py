@@ -1,4 +1,4 @@
-"""Parallel strategies of DESIGN.md section 3 head to head: attention alone and a full training step.
+"""Parallel strategies of docs/design.md section 3 head to head: attention alone and a full training step.
 
 For one model preset, a world of G ranks and one or more global sequence lengths S, it runs, on the
 same ranks and kernels:
@@ -86,7 +86,7 @@ def model_config(name: str):
 
 
 def strategy_layouts(world: int, gpus_per_node: int, num_heads: int, num_kv_heads: int):
-    """[(name, layout or None, reason when skipped)] for the four layouts of DESIGN.md section 3."""
+    """[(name, layout or None, reason when skipped)] for the four layouts of docs/design.md section 3."""
     from longvila_engine import ParallelLayout
     from longvila_engine.attention.ulysses import ulysses_sizes_for
 

@@ -1,15 +1,15 @@
-"""Analytic step-time and memory model of one training step, per GPU (DESIGN.md section 9).
+"""Analytic step-time and memory model of one training step, per GPU (docs/design.md section 9).
 
 It prices the work of one transformer training step (forward + backward, no activation
 checkpointing) on a given layout of G GPUs with published kernel and link rates
-(shared/REFERENCE.md). FLOPs come from `longvila_engine.ops.flops.attention_flops` (the function the
+(docs/design.md section 13). FLOPs come from `longvila_engine.ops.flops.attention_flops` (the function the
 kernels' own accounting uses) and the dense-layer parameter count; bytes come from
 `communication_bytes`, whose per-collective volumes are the ones the engine's counters record
 (tests/test_costmodel.py holds them against `groups.stats` of a real gloo run).
 
 What it models:
 - dense GEMMs at `gemm_eff` of peak (FP8 or BF16);
-- attention at the FlashAttention-3 rates of REFERENCE.md, interpolated in the block length a ring
+- attention at the FlashAttention-3 rates of docs/design.md section 13, interpolated in the block length a ring
   step computes (a short block runs slower: that is most of ring-only's loss);
 - ring steps as max(compute, transfer) + per-step latency (overlap with a side stream), the
   inter-node hop at the InfiniBand rate when the ring crosses nodes;
@@ -33,7 +33,7 @@ from longvila_engine.ops.flops import attention_flops
 
 @dataclass(frozen=True)
 class Hardware:
-    """Rates per GPU. Sources: shared/REFERENCE.md (table 'Hardware and kernels')."""
+    """Rates per GPU. Sources: the figures table of docs/design.md section 13."""
 
     name: str
     peak_bf16: float  # dense tensor FLOP/s
@@ -75,7 +75,7 @@ H100 = Hardware(
 # A100 SXM4 80GB: 312 TFLOP/s dense bf16, 2.04 TB/s (datasheet); NVLink-3 NCCL effective ~230 GB/s
 # (nccl-tests#149). FlashAttention-2 reaches 50-73% of peak on A100 (FA2 paper): the H100 FA3 curve
 # is scaled to 0.50-0.70 of the A100 peak by block length. The HDR 200 Gb/s NIC per GPU (25 GB/s,
-# DGX A100 user guide) is not in REFERENCE.md: treat A100 inter-node figures as indicative.
+# DGX A100 user guide) is not in docs/design.md section 13: treat A100 inter-node figures as indicative.
 _A100_SCALE = 312e12 / 989.4e12
 A100 = Hardware(
     name="A100-SXM4",
@@ -135,7 +135,7 @@ class Model:
                    cfg.ffn_hidden_size, cfg.vocab_size)
 
 
-# The engine's presets of the published configs (shared/REFERENCE.md, 'Model shapes').
+# The engine's presets of the published configs (docs/design.md section 13, 'Model shapes').
 MODELS = {name: Model.from_config(name, get_config(name)) for name in ("llama2_7b", "llama3_8b", "qwen2_7b")}
 
 
@@ -154,7 +154,7 @@ class Strategy:
 
 
 def strategies(gpus: int, model: Model, gpus_per_node: int = 8) -> dict[str, Strategy]:
-    """The four layouts of DESIGN.md section 3 for `gpus` GPUs (Ulysses-only when heads allow)."""
+    """The four layouts of docs/design.md section 3 for `gpus` GPUs (Ulysses-only when heads allow)."""
     inner = min(gpus_per_node, gpus)
     out = {
         "ring": Strategy("ring-only", ring=gpus),
@@ -272,7 +272,7 @@ def step_time(model: Model, seq_len: int, strat: Strategy, hw: Hardware, cal: Ca
 
 
 def model_flops(model: Model, seq_len: int, causal_attention: bool = True) -> float:
-    """Model FLOPs of one training step (3x forward), the MFU convention of REFERENCE.md."""
+    """Model FLOPs of one training step (3x forward), the MFU convention of docs/design.md section 13."""
     dense = 6 * (model.layers * model.params_per_layer + model.vocab * model.hidden) * seq_len
     attn_fwd = attention_flops(seq_len, seq_len, model.heads, model.head_dim, causal=causal_attention)
     return dense + 3 * model.layers * attn_fwd

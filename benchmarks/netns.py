@@ -1,4 +1,4 @@
-"""`make bench-net`: the strategies benchmark on two emulated nodes joined by a shaped link (DESIGN.md 10).
+"""`make bench-net`: the strategies benchmark on two emulated nodes joined by a shaped link (docs/design.md section 10).
 
 Two network namespaces are the "nodes", joined by one veth pair on link-local 169.254.77.0/24
 (node 0: .1, node 1: .2). The veth is shaped with `tc`: tbf for bandwidth, plus netem for latency where
@@ -9,7 +9,7 @@ different namespaces over the shaped link (the InfiniBand stand-in). Namespaces 
 when the run ends, however it ends (finally + SIGTERM/SIGINT handlers).
 
 Link speed: an H100 node on 400 Gb/s InfiniBand has one 50 GB/s NIC per GPU for 989.4 TFLOP/s of dense
-bf16 per GPU (shared/REFERENCE.md), i.e. 5.05e-5 bytes per FLOP. The emulated link gets the same
+bf16 per GPU (docs/design.md section 13), i.e. 5.05e-5 bytes per FLOP. The emulated link gets the same
 bytes-per-FLOP against this CPU's measured fp32 GEMM rate per rank, times the ranks of a node (they
 share the one veth as 8 GPUs share 8 NICs), times a scale factor (1 = the H100/IB ratio; larger = a
 relatively faster network). Latency is the InfiniBand small-message latency (~33 us) stretched by the
@@ -36,9 +36,9 @@ import uuid
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-H100_FLOPS = 989.4e12  # dense bf16 tensor FLOP/s per GPU (REFERENCE.md)
-IB_BYTES_PER_S = 50e9  # 400 Gb/s NDR per GPU, one direction (REFERENCE.md)
-IB_LATENCY_S = 33e-6  # inter-node small-message send/recv (REFERENCE.md, NVIDIA/nccl-tests#214)
+H100_FLOPS = 989.4e12  # dense bf16 tensor FLOP/s per GPU (docs/design.md section 13)
+IB_BYTES_PER_S = 50e9  # 400 Gb/s NDR per GPU, one direction (docs/design.md section 13)
+IB_LATENCY_S = 33e-6  # inter-node small-message send/recv (docs/design.md section 13, NVIDIA/nccl-tests#214)
 SUBNET = "169.254.77"
 _children: list = []  # rank processes of the current link speed, ended with the namespaces
 

@@ -32,7 +32,7 @@ from costmodel import (  # noqa: E402
 )
 
 # NVIDIA/NeMo docs/source/performance/performance_long_sequence.md: Llama-2-7B on DGX-H100, NeMo 24.03,
-# FP8 GEMMs; TFLOP/s/GPU counts non-causal attention (shared/REFERENCE.md).
+# FP8 GEMMs; TFLOP/s/GPU counts non-causal attention (docs/design.md section 13).
 NEMO_POINTS = [
     {"seq_len": 256 * 1024, "tp": 4, "cp": 8, "tflops": 549.0},
     {"seq_len": 512 * 1024, "tp": 8, "cp": 16, "tflops": 549.0},

@@ -37,7 +37,7 @@ def _both(q, k, v, dout, causal, cu_q=None, cu_k=None):
 
 
 @pytest.mark.parametrize("dtype,tol_fwd,tol_bwd", [
-    # DESIGN.md section 2: every backend agrees with reference to 1e-10 in float64, 1e-5 (gradients
+    # docs/design.md section 2: every backend agrees with reference to 1e-10 in float64, 1e-5 (gradients
     # 1e-4) in float32; measured here: 2e-15 and 6e-7.
     pytest.param(torch.float64, 1e-10, 1e-10, id="fp64"),
     pytest.param(torch.float32, 1e-5, 1e-4, id="fp32"),

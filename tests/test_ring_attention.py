@@ -28,7 +28,7 @@ POOL_WORLD_SIZE = WORLD  # the session pool of this size (tests/conftest.py)
 
 
 def positions(seq_len_padded, ring_size, ulysses_size, ring_rank, ulysses_rank, scheme):
-    """Global positions held by (ring_rank, ulysses_rank), in shard order (DESIGN.md section 4)."""
+    """Global positions held by (ring_rank, ulysses_rank), in shard order (docs/design.md section 4)."""
     if scheme == "contiguous":
         n = seq_len_padded // (ring_size * ulysses_size)
         start = (ring_rank * ulysses_size + ulysses_rank) * n

@@ -1,6 +1,6 @@
 """Sequence sharding (zigzag and contiguous, with padding) and Ulysses attention on real gloo ranks.
 
-Layout arithmetic is checked without processes against an independent spelling of DESIGN.md
+Layout arithmetic is checked without processes against an independent spelling of docs/design.md
 section 4. On 4 gloo ranks, every rank builds the same global tensors from one seed and checks its own
 shard, the round trip, the gradients of shard/unshard, and Ulysses attention (ring=1, inner
 `flash_attention(backend='reference')`) against plain single-process attention on the whole tensors.
@@ -32,7 +32,7 @@ def _fake_groups(R, U, r=0, u=0):
 
 
 def expected_positions(L_p, R, U, r, u, scheme):
-    """DESIGN.md section 4 spelled out with lists."""
+    """docs/design.md section 4 spelled out with lists."""
     if scheme == "contiguous":
         n = L_p // (R * U)
         i = u + U * r

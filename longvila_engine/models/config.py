@@ -1,6 +1,6 @@
 """`ModelConfig`: the shape of a Llama-class decoder, and presets with the published shapes.
 
-Presets (REFERENCE.md, "Model shapes"): `tiny` for tests, `llama2_7b`, `llama3_8b`, `qwen2_7b`.
+Presets (docs/design.md section 13, "Model shapes"): `tiny` for tests, `llama2_7b`, `llama3_8b`, `qwen2_7b`.
 Only shapes and numerics live here; parallel options (tp sequence parallelism, activation
 checkpointing) are arguments of `Transformer`, since one model trains under many layouts.
 """

@@ -1,7 +1,7 @@
 """`Transformer`: a Llama-class decoder sharded over tensor parallelism and MM-SP sequence parallelism.
 
 One rank holds: its tp shard of every weight (heads and FFN columns split, vocabulary split) and its
-sequence shard of every activation (zigzag over ring x Ulysses, DESIGN.md section 4). Attention is
+sequence shard of every activation (zigzag over ring x Ulysses, docs/design.md section 4). Attention is
 `sequence_parallel_attention` on the shard; RoPE uses the GLOBAL positions of the shard's tokens
 (restarting per packed sequence), so the result equals one device's.
 
@@ -382,7 +382,7 @@ class Transformer(nn.Module):
         | plan | `BatchPlan` or None | the batch's plan (`local_batch(...).plan`); None plans here |
 
         The loss is this shard's summed token loss over the sp group's supervised-token count: the sp
-        ranks' losses add up to the sample mean (DESIGN.md section 6). With `plan` the step makes no
+        ranks' losses add up to the sample mean (docs/design.md section 6). With `plan` the step makes no
         agreement and no host copy; without it, one agreement all-gather is made here per forward.
         """
         if input_ids_local.dim() != 2:
@@ -451,7 +451,7 @@ class Transformer(nn.Module):
         return self.embed.lookup_replicated(ids)
 
     def shard_loss(self, hidden: torch.Tensor, labels_local: torch.Tensor) -> torch.Tensor:
-        """DESIGN.md section 6 loss of this shard from `decode`'s output: the chunked vocab-parallel
+        """docs/design.md section 6 loss of this shard from `decode`'s output: the chunked vocab-parallel
         cross-entropy sum over the sp group's supervised-token count."""
         loss_sum, count = vocab_parallel_cross_entropy(
             hidden,

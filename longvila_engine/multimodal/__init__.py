@@ -1,4 +1,4 @@
-"""MM-SP multimodal training (DESIGN.md section 7): two-stage sharding of frames and interleaved text.
+"""MM-SP multimodal training (docs/design.md section 7): two-stage sharding of frames and interleaved text.
 
 `VisionLanguageModel` (model.py) runs the vision tower and projector on each rank's share of the
 frames, then moves the visual tokens into the token-balanced sequence layout with one all-to-all-v;

@@ -1,6 +1,6 @@
 """`VisionLanguageModel`: vision tower + projector + language model trained with two-stage MM-SP sharding.
 
-Every rank of the sequence-parallel group gets the same GLOBAL sample (DESIGN.md section 7): token ids
+Every rank of the sequence-parallel group gets the same GLOBAL sample (docs/design.md section 7): token ids
 with one placeholder (`image_token_id`) per frame, text interleaved anywhere, the frames, the labels;
 several samples (rows of a (B, S) batch, or `cu_seqlens`) are packed with their boundaries kept.
 One forward on one rank:
@@ -19,7 +19,7 @@ One forward on one rank:
    token's gradient returns to the projector and vision tower of the rank that made it. Text tokens
    are embedded by the rank they land on (they never travel); no rank holds the whole sequence.
 4. The language model runs on the local shard with global positions and the globally shifted labels
-   (visual tokens are never targets); the loss is DESIGN.md section 6: this shard's token-loss sum
+   (visual tokens are never targets); the loss is docs/design.md section 6: this shard's token-loss sum
    over the global count of supervised tokens. The sp ranks' losses add up to the sample mean, and
    the trainer sums parameter gradients over sp (vision tower and projector included).
 
@@ -320,7 +320,7 @@ class VisionLanguageModel(nn.Module):
         return lm.decode(h, positions, plan=batch_plan, kv_cache=kv_cache)
 
     def shard_loss(self, h: torch.Tensor, plan: MultimodalShardPlan) -> torch.Tensor:
-        """The loss (DESIGN.md section 6) of an embedded shard from `embed_shard` and its plan."""
+        """The loss (docs/design.md section 6) of an embedded shard from `embed_shard` and its plan."""
         lm = self.language_model
         labels = plan.labels.to(h.device).unsqueeze(0)
         if _is_engine(lm):
@@ -346,7 +346,7 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, frames=None, labels: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        """This rank's share of the sample's mean next-token loss (DESIGN.md section 6); the same global
+        """This rank's share of the sample's mean next-token loss (docs/design.md section 6); the same global
         sample on every sp rank.
 
         | arg | shape | meaning |

@@ -1,4 +1,4 @@
-"""Block attention operators and their backend dispatch (DESIGN.md section 2).
+"""Block attention operators and their backend dispatch (docs/design.md section 2).
 
 One contract, several backends: `reference` (PyTorch oracle), `cpu` (C++/OpenMP extension), `triton`,
 and `cuda` for the memory-bound pieces (merge, zigzag permutes, varlen indices). `backend="auto"`

@@ -2,7 +2,7 @@
 
 Counts multiply-adds as 2 FLOPs over the (query, key) pairs a mask leaves visible. Forward is
 QK^T and PV: 4*D per pair and head. Backward (flash style, recomputing QK^T) is 2.5x forward; the
-`model` convention (3x forward total) is what MFU figures use (REFERENCE.md).
+`model` convention (3x forward total) is what MFU figures use (docs/design.md section 13).
 """
 from __future__ import annotations
 
