@@ -8,7 +8,7 @@ One step on one rank:
 2. One tiny all-reduce over the world agrees on bad packs: a rank whose pack failed (a missing,
    corrupt or too-short video in strict mode) or came out empty (every sample skipped) makes every rank
    stop with the error, or skip the step, together. Never a hang.
-3. `VisionLanguageModel` (MM-SP, DESIGN.md section 7): stage 1 runs the vision tower and projector on
+3. `VisionLanguageModel` (MM-SP, docs/design.md section 7): stage 1 runs the vision tower and projector on
    this rank's share of the frames; stage 2 moves the visual tokens to the token-balanced zigzag
    layout with one all-to-all-v; the language model runs on the local shard.
 4. Backward, gradients summed over dp_sp and divided by dp (`train.average_gradients`), global-norm
