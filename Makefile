@@ -42,8 +42,15 @@ cuda-build:
 
 # On a machine with one CUDA GPU (<= 8 min on an H100/H200): pytest -m gpu, kernel TFLOP/s vs SDPA,
 # a bf16 trainer smoke and generate; JSON + markdown under benchmarks/results/gpu_check/. Refuses on CPU.
+# Takes .venv when its torch is a CUDA build, else the CUDA venv of cuda-build on a copy of the tree.
 gpu-check: build
-	$(VPY) scripts/gpu_check.py
+	if $(VPY) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)"; then \
+	  $(VPY) scripts/gpu_check.py; \
+	else \
+	  $(MAKE) --no-print-directory cuda-build && \
+	  TRITON_VERSION=$(TRITON_VERSION) TRANSFORMERS_VERSION=$(TRANSFORMERS_VERSION) AV_VERSION=$(AV_VERSION) \
+	    bash scripts/gpu_check_cuda_venv.sh; \
+	fi
 
 # Fails on a spill or a serialized wgmma (sm_90); the table also goes to build/aot_table.md.
 triton-aot: build
