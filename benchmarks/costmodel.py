@@ -175,7 +175,8 @@ class Calibration:
     ring_step_overhead: float = 20e-6  # launch + synchronisation per ring step, s
 
 
-def communication_bytes(model: Model, seq_len: int, strat: Strategy, dtype_bytes: int = 2) -> dict:
+def communication_bytes(model: Model, seq_len: int, strat: Strategy, dtype_bytes: int = 2,
+                        activation_checkpointing: bool = False) -> dict:
     """Bytes one GPU sends per layer, forward + backward, by collective.
 
     Matches what the engine's counters record: the ring sends its K/V block at the K/V head count
@@ -202,6 +203,10 @@ def communication_bytes(model: Model, seq_len: int, strat: Strategy, dtype_bytes
     a2a = 2 * a2a_elems * dtype_bytes  # forward and backward
     t = strat.tp
     tp_allreduce = 4 * (2 * (t - 1) / t) * (seq_len / strat.ring / strat.ulysses) * model.hidden * dtype_bytes
+    if activation_checkpointing:  # the recomputed forward communicates again (the dry run counts it)
+        ring_bwd += ring_fwd
+        a2a *= 1.5
+        tp_allreduce *= 1.5
     return {"ring_fwd": ring_fwd, "ring_bwd": ring_bwd, "ring_block": kv_block, "ulysses_a2a": a2a,
             "tp_allreduce": tp_allreduce, "heads_ring": heads_ring, "kv_heads_ring": kv_heads_ring}
 

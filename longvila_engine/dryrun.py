@@ -674,7 +674,8 @@ def cost_model_view(result: dict) -> dict | None:
     model = cm.Model.from_config(c["model"], config)
     strat = cm.Strategy("dry run", ring=c["ring"], ulysses=c["ulysses"], tp=c["tp"])
     dtype_bytes = 2 if c["precision"] == "gpu" else 4
-    comm = cm.communication_bytes(model, c["seq_len"], strat, dtype_bytes=dtype_bytes)
+    comm = cm.communication_bytes(model, c["seq_len"], strat, dtype_bytes=dtype_bytes,
+                                  activation_checkpointing=c["activation_checkpointing"])
     L = c["num_layers"]
     view = {"bytes": {"ring": int(L * (comm["ring_fwd"] + comm["ring_bwd"])),
                       "ulysses": int(L * comm["ulysses_a2a"]),

@@ -168,3 +168,20 @@ def test_cuda_style_rms_norm_matches_torch():
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
     torch.testing.assert_close(gx, rx, rtol=0, atol=1e-12)
     torch.testing.assert_close(gw, rw, rtol=0, atol=1e-12)
+
+
+def test_activation_checkpointing_recomputes_forward_traffic_and_flops():
+    """With per-block checkpointing the forward runs twice: its attention FLOPs (the ops.flops rule with
+    the recompute) and its ring / Ulysses bytes (the cost model with activation_checkpointing=True) are
+    counted again, exactly; the activations kept are smaller than without checkpointing."""
+    from longvila_engine.dryrun import cost_model_view
+
+    base = dict(model="tiny", seq_len=4096, world=8, ring=4, ulysses=2)
+    plain = dry_run(DryRunConfig(**base))
+    ckpt = dry_run(DryRunConfig(**base, activation_checkpointing=True))
+    assert ckpt["flops"]["attention_counted"] == ckpt["flops"]["attention_rule"]
+    assert ckpt["flops"]["attention_counted"] > plain["flops"]["attention_counted"]
+    predicted = cost_model_view(ckpt)["bytes"]
+    for axis in ("ring", "ulysses"):
+        assert ckpt["bytes"]["groups_stats"][axis] == predicted[axis], axis
+    assert ckpt["memory"]["activations"] < plain["memory"]["activations"]
