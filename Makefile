@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml setup.py
 	  $(VPY) -m pip install -q torch==$(TORCH_VERSION)
 	$(VPY) -m pip install -q triton==$(TRITON_VERSION) transformers==$(TRANSFORMERS_VERSION) pytest ruff tqdm \
 	  numpy matplotlib ninja av==$(AV_VERSION)
+	# A peer for bench_sp_attention.py; --no-deps: it would pull the CUDA flash-attn (a CPU shim serves it).
+	$(VPY) -m pip install -q --no-deps ring-flash-attn==0.1.8
 	touch $(STAMP)
 
 venv: $(STAMP)

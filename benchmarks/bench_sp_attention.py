@@ -12,6 +12,13 @@ reports, per layout:
   with no communication at all. The ring goal on 4 CPU ranks is <= 1.10; it is reported, not asserted.
   Ulysses' all-to-alls are not overlapped by design, so its ratio counts them as exposed time.
 
+On the pure ring layout (ring=W, ulysses=1) the peers run too, on the same shards in the same
+repeats (interleaved): ring-flash-attn's zigzag ring (installed `--no-deps`; its private `flash_attn`
+block calls served by torch's CPU flash op through benchmarks/ringflash_shim.py) and PyTorch's
+templated ring attention (bench_strategies.torch_ring_attention, rotating K/V by all-to-all: a ring).
+Their medians and the engine's time ratio to each are printed and stored in that layout's line; a peer
+that cannot be imported or run is named with the reason and left out (`--no-peers` skips them).
+
 Every layout appends one JSON line to benchmarks/results/bench_sp_attention.jsonl (benchmarks/harness.py)
 and rank 0 prints the table.
 
@@ -48,6 +55,44 @@ COLUMNS = [("layout", "case", ""), ("algo", "config.algorithm", ""), ("step ms",
            ("ring MB", "ring_mb", ".3f"), ("ulysses MB", "ulysses_mb", ".3f"), ("wait ms", "wait_ms", ".1f"),
            ("compute ms", "compute_ms", ".1f"), ("compute-only ms", "compute_only_ms", ".1f"),
            ("overlap", "overlap_ratio", ".3f")]
+PEERS = ("ring_flash_attn", "torch_ring")
+
+
+def peer_steps(q, k, v, dout, groups, device):
+    """{peer name: fwd+bwd closure on the same zigzag shards (B, S, H, D)}, {peer: why it is missing}."""
+    steps, missing = {}, {}
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+
+    def closure(attn):
+        def step():
+            for t in leaves:
+                t.grad = None
+            attn(*leaves).backward(dout)
+        return step
+
+    try:
+        if device.type != "cpu":
+            raise RuntimeError("the flash_attn shim is CPU-only; on GPUs install the real flash-attn")
+        import ringflash_shim
+
+        rfa = ringflash_shim.import_ring_flash_attn()
+        steps["ring_flash_attn"] = closure(
+            lambda q_, k_, v_: rfa.zigzag_ring_flash_attn_func(q_, k_, v_, causal=True, group=groups.ring))
+    except Exception as e:  # a peer that is not there must not stop the engine's figures
+        missing["ring_flash_attn"] = f"{type(e).__name__}: {str(e)[:160]}"
+    try:
+        from bench_strategies import torch_ring_attention
+
+        steps["torch_ring"] = closure(lambda q_, k_, v_: torch_ring_attention(q_, k_, v_, groups.ring, "alltoall"))
+    except Exception as e:
+        missing["torch_ring"] = f"{type(e).__name__}: {str(e)[:160]}"
+    for name in list(steps):  # one untimed call each: a peer that fails here is reported, not timed
+        try:
+            steps[name]()
+        except Exception as e:
+            missing[name] = f"{type(e).__name__}: {str(e)[:160]}"
+            del steps[name]
+    return steps, missing
 
 
 def layouts(world: int):
@@ -156,7 +201,7 @@ def timed_repeats(fns, device, warmup, repeats):
     return times
 
 
-def bench_layout(name, layout, algorithm, size, backend, device):
+def bench_layout(name, layout, algorithm, size, backend, device, peers=True):
     from longvila_engine.attention.sequence_parallel import sequence_parallel_attention
     from longvila_engine.parallel import init_parallel
 
@@ -180,14 +225,29 @@ def bench_layout(name, layout, algorithm, size, backend, device):
     twin = compute_only_fn(q, k, v, dout, groups, algorithm, backend)
     step()  # first-use costs of the groups, before the counters start
     twin()
+    peer_fns, peer_missing = {}, {}
+    if peers and algorithm == "ring" and layout.ulysses == 1:
+        peer_fns, peer_missing = peer_steps(q, k, v, dout, groups, device)
+        peer_missing = {n: why for n, why in peer_missing.items() if n not in peer_fns}
+        # Ranks must agree on the set of peers (each is a collective loop): keep those all ranks have.
+        names = [None] * groups.world_size
+        dist.all_gather_object(names, sorted(peer_fns))
+        common = set.intersection(*(set(n) for n in names))
+        for n in list(peer_fns):
+            if n not in common:
+                peer_missing[n] = "failed on another rank"
+                del peer_fns[n]
     groups.stats.reset()
     calls = size["warmup"] - 1 + size["repeats"]
-    times, twin_times = timed_repeats([step, twin], device, size["warmup"] - 1, size["repeats"])
+    fns = [step, twin, *peer_fns.values()]
+    times, twin_times, *peer_times = timed_repeats(fns, device, size["warmup"] - 1, size["repeats"])
+    # The engine's stats count its own calls only: peers use torch.distributed directly.
     stats = groups.stats.summary()
     per_step = {axis: {"bytes": st["bytes"] / calls, "wait_s": st["wait_s"] / calls}
                 for axis, st in stats.items()}
     return {"times": times, "compute_only": twin_times, "per_step": per_step,
-            "link": {axis: s["link"] for axis, s in stats.items()}}
+            "link": {axis: s["link"] for axis, s in stats.items()},
+            "peers": dict(zip(peer_fns, peer_times)), "peers_missing": peer_missing}
 
 
 def report(name, layout, algorithm, size, backend, per_rank, results):
@@ -208,6 +268,13 @@ def report(name, layout, algorithm, size, backend, per_rank, results):
               "ulysses_mb": axis_mean("ulysses", "bytes") / 2**20,
               "wait_ms": wait * 1e3, "compute_ms": (step.median - wait) * 1e3,
               "compute_only_ms": compute_only * 1e3, "overlap_ratio": step.median / compute_only}
+    peers = {}
+    for peer in per_rank[0]["peers"]:
+        t = harness.Timing([max(ts) for ts in zip(*(r["peers"][peer] for r in per_rank))])
+        peers[peer] = {**t.summary_ms(), "ratio": step.median / t.median}
+    if peers or per_rank[0]["peers_missing"]:
+        record["peers"] = peers
+        record["peers_missing"] = per_rank[0]["peers_missing"]
     return results.append(record) if results is not None else record
 
 
@@ -225,7 +292,8 @@ def run_rank(args):
         if size["num_heads"] % layout.ulysses:
             continue
         per_rank = [None] * world
-        dist.all_gather_object(per_rank, bench_layout(name, layout, algorithm, size, backend, device))
+        dist.all_gather_object(per_rank, bench_layout(name, layout, algorithm, size, backend, device,
+                                                      peers=not args.no_peers))
         if rank == 0:
             rows.append(report(name, layout, algorithm, size, backend, per_rank, results))
     if rank == 0:
@@ -238,6 +306,11 @@ def run_rank(args):
                 verdict = "meets" if r["overlap_ratio"] <= 1.10 else "misses"
                 print(f"overlap goal (ring, <= 1.10 on 4 CPU ranks): {r['overlap_ratio']:.3f} {verdict} it "
                       f"(reported, not asserted)")
+            for peer, p in r.get("peers", {}).items():
+                print(f"peer {peer} on {r['case']}: {p['median_ms']:.1f} ms (min {p['min_ms']:.1f}, max "
+                      f"{p['max_ms']:.1f}); engine / {peer} = {p['ratio']:.3f} (goal <= 0.9 of the faster peer)")
+            for peer, why in r.get("peers_missing", {}).items():
+                print(f"peer {peer} on {r['case']}: not measured ({why})")
         print(f"results appended to {results.path}")
 
 
@@ -248,6 +321,7 @@ def main(argv=None):
     p.add_argument("--backend", default="auto", help="block kernel backend (auto, reference, cpu, triton)")
     p.add_argument("--world", type=int, default=4, help="ranks to spawn when not under torchrun")
     p.add_argument("--results-dir", default=None)
+    p.add_argument("--no-peers", action="store_true", help="skip ring-flash-attn and PyTorch's ring")
     args = p.parse_args(argv)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
         cuda = torch.cuda.is_available()
