@@ -193,6 +193,13 @@ def attention_flop_formulas() -> dict:
         ns = torch.ops.longvila_engine
         formulas[ns.attn_fwd] = _attn_fwd_flops
         formulas[ns.attn_bwd] = _attn_bwd_flops
+    try:  # the Triton launchers' torch.library ops (same argument order as the C++ ones)
+        from .kernels.triton import attention_bwd, attention_fwd  # noqa: F401
+
+        formulas[torch.ops.longvila_engine.triton_attn_fwd] = _attn_fwd_flops
+        formulas[torch.ops.longvila_engine.triton_attn_bwd] = _attn_bwd_flops
+    except (ImportError, AttributeError, RuntimeError):  # no triton here, or an older tree without the ops
+        pass
     return formulas
 
 

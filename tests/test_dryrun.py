@@ -185,3 +185,35 @@ def test_activation_checkpointing_recomputes_forward_traffic_and_flops():
     for axis in ("ring", "ulysses"):
         assert ckpt["bytes"]["groups_stats"][axis] == predicted[axis], axis
     assert ckpt["memory"]["activations"] < plain["memory"]["activations"]
+
+
+@pytest.mark.parametrize("op", ["attn_fwd", "triton_attn_fwd", "attn_bwd", "triton_attn_bwd"])
+def test_attention_flop_formulas_follow_ops_flops(op):
+    """FlopCounterMode counts the engine's attention ops (C++ and Triton, run on fake tensors through their
+    registered fakes) by the ops.flops rule, causal and not, with GQA."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from longvila_engine.dryrun import attention_flop_formulas
+    from longvila_engine.ops.flops import attention_flops
+
+    formulas = attention_flop_formulas()
+    packet = getattr(torch.ops.longvila_engine, op, None)
+    if packet is None or packet not in formulas:
+        pytest.skip(f"torch.ops.longvila_engine.{op} is not registered in this build")
+    B, S_q, S_k, H, H_kv, D = 2, 48, 80, 4, 2, 16
+    for causal in (True, False):
+        with FakeTensorMode():
+            q, out = torch.empty(B, S_q, H, D), torch.empty(B, S_q, H, D)
+            k, v = torch.empty(B, S_k, H_kv, D), torch.empty(B, S_k, H_kv, D)
+            lse = torch.empty(B, H, S_q)
+            counter = FlopCounterMode(display=False, custom_mapping=formulas)
+            with counter:
+                if "bwd" in op:
+                    packet(out, q, k, v, out, lse, torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+                           None, None, 0.25, causal, False)
+                else:
+                    packet(q, k, v, out, lse, None, None, 0.25, causal, False)
+        mode = "bwd" if "bwd" in op else "fwd"
+        assert counter.get_total_flops() == attention_flops(S_q, S_k, H, D, causal=causal, batch=B, mode=mode)
