@@ -22,6 +22,10 @@ Mixed precision: `mixed_precision_policy(torch.bfloat16)` computes in bf16 with 
 weights (the sharded parameters and the optimizer state stay float32) and float32 gradient
 reduction; float32 runs use no policy at all, so CPU runs are exact.
 
+Meta-device init (`materialize`, `shard_rows`): a model built on the meta device is sharded first,
+then `to_empty` gives each rank storage for its shards only, which `hf_weights.load_sharded` fills
+with the rows it reads from safetensors, so no rank ever holds its whole tp slice.
+
 Not here: the optimizer (`train.py`), checkpoints of sharded state (`checkpoint.py`).
 """
 
@@ -34,6 +38,8 @@ __all__ = [
     "dp_sp_mesh",
     "mixed_precision_policy",
     "shard_model",
+    "materialize",
+    "shard_rows",
     "is_sharded",
     "reshard",
     "local_tensor",
@@ -96,10 +102,62 @@ def shard_model(
         unit.set_gradient_divide_factor(float(groups.dp_size))
         if groups.backend != "nccl":  # gloo has no PREMUL_SUM: plain sums, then FSDP scales
             unit.set_force_sum_reduction_for_comms(True)
-    for name, p in model.named_parameters():
-        for attr, value in meta[name].items():
-            setattr(p, attr, value)
+    model._tp_param_meta = meta  # `materialize` puts it back on the parameters that `to_empty` replaces
+    _restore_tp_meta(model)
     return model
+
+
+def _restore_tp_meta(model: torch.nn.Module) -> None:
+    meta = getattr(model, "_tp_param_meta", {})
+    for name, p in model.named_parameters():
+        for attr, value in meta.get(name, {}).items():
+            setattr(p, attr, value)
+
+
+def materialize(model: torch.nn.Module, device) -> torch.nn.Module:
+    """Give a model sharded on the meta device (`shard_model` of a `Transformer(..., device="meta")`)
+    uninitialised storage on `device`, shard by shard (`to_empty`: this rank allocates only its shards).
+
+    The tp metadata is put back on the new sharded parameters. Buffers come back uninitialised too:
+    every module holding one must define `reset_buffers()` (non-persistent caches such as RoPE tables
+    are recomputed there); the engine's Transformer has none (RoPE is computed per forward).
+    """
+    model.to_empty(device=device)
+    _restore_tp_meta(model)
+    for module in model.modules():
+        if any(True for _ in module.buffers(recurse=False)):
+            reset = getattr(module, "reset_buffers", None)
+            if reset is None:
+                raise ValueError(
+                    f"{type(module).__name__} has buffers but no reset_buffers(): they would stay "
+                    f"uninitialised after to_empty"
+                )
+            reset()
+    return model
+
+
+def shard_rows(param: torch.Tensor) -> tuple[int, int]:
+    """[start, end) of the dim-0 rows of the (tp-local) parameter that this rank's FSDP2 shard holds.
+
+    FSDP2 shards dim 0 as torch.chunk does: ceil(n / world) rows per rank, the last ranks shorter or
+    empty. A plain (unsharded) tensor holds all its rows.
+    """
+    if not hasattr(param, "to_local"):
+        return 0, (param.shape[0] if param.dim() else 1)
+    from torch.distributed.tensor import Shard
+
+    placements = tuple(param.placements)
+    if len(placements) != 1 or placements[0] != Shard(0):
+        raise ValueError(f"expected a parameter sharded on dim 0 over one mesh axis, got {placements}")
+    n = param.shape[0]
+    world = param.device_mesh.size()
+    chunk = -(-n // world)
+    start = min(param.device_mesh.get_local_rank() * chunk, n)
+    end = min(start + chunk, n)
+    local = param.to_local()
+    if local.shape[0] != end - start:
+        raise AssertionError(f"FSDP2 shard of {n} rows over {world}: expected {end - start}, holds {local.shape[0]}")
+    return start, end
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

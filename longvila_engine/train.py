@@ -213,17 +213,17 @@ def build_model(args, groups) -> Transformer:
         dtype=param_dtype,
         device=device,
     )
+    fsdp = use_fsdp(args, groups)
+    fsdp_options = dict(reshard_after_forward=getattr(args, "reshard_after_forward", True), compute_dtype=compute_dtype)
     if getattr(args, "init_from", None):
+        if fsdp:  # built on meta, sharded, each rank reads only the rows its shards hold (hf_weights.load_sharded)
+            return Transformer.from_hf(args.init_from, groups, max_seq_len=args.seq_len, fsdp=True,
+                                       **fsdp_options, **options)  # fmt: skip
         model = Transformer.from_hf(args.init_from, groups, max_seq_len=args.seq_len, **options)
     else:
         model = Transformer(get_config(args.model), groups, seed=args.seed, **options)
-    if use_fsdp(args, groups):
-        shard_model(
-            model,
-            groups,
-            reshard_after_forward=getattr(args, "reshard_after_forward", True),
-            compute_dtype=compute_dtype,
-        )
+    if fsdp:
+        shard_model(model, groups, **fsdp_options)
     return model
 
 

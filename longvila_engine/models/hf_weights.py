@@ -1,13 +1,17 @@
 """Hugging Face checkpoints in and out: Llama, Qwen2 and Mistral directories (config.json + safetensors).
 
     model = Transformer.from_hf("path/to/Llama-3-8B", groups, attention_backend="auto")
+    model = Transformer.from_hf("path/to/Llama-3-8B", groups, fsdp=True)   # loaded straight into FSDP2 shards
     ...
     model.save_hf("out/")          # collective; rank 0 writes; transformers' from_pretrained loads it
 
 In: `config_from_hf` maps config.json onto a `ModelConfig`; `load_hf_weights` reads, for every
 parameter, only this rank's tp slice (`safe_open(...).get_slice(name)[rows]`), so a rank's host memory
 peaks near its own tp shard plus one parameter's dense random init (the model is built first, then
-overwritten). FSDP2 sharding over dp_sp is applied afterwards by the trainer.
+overwritten). With FSDP (`from_hf(..., fsdp=True)` = `load_sharded`, what the trainer's `--init-from`
+uses when FSDP is on) the model is built on the meta device, FSDP2-sharded over dp_sp, given storage
+for its shards only, and each rank reads just the dim-0 rows of its tp slice that its shard holds:
+about 1/(dp*sp) of the tp slice read and allocated per rank, never the whole slice.
 
 | engine parameter | transformers tensor | tp split read |
 |---|---|---|
@@ -48,6 +52,7 @@ __all__ = [
     "config_from_hf",
     "hf_name",
     "load_hf_weights",
+    "load_sharded",
     "from_hf",
     "save_hf",
 ]
@@ -156,60 +161,141 @@ def _weight_files(path: str) -> dict:
     raise ValueError(f"{path!r} holds neither {INDEX} nor {SINGLE}: no safetensors weights to read")
 
 
+class _Reader:
+    """safetensors handles of one HF directory, opened lazily, and the bytes read through them."""
+
+    def __init__(self, path: str, hf: dict):
+        self.path, self.files = path, _weight_files(path)
+        self.tied = bool(hf.get("tie_word_embeddings", False))
+        self.handles: dict = {}
+        self.bytes_read = 0
+
+    def view(self, name: str, full: tuple):
+        """The lazy safetensors slice of the engine parameter `name`, its shape checked against `full`."""
+        from safetensors import safe_open
+
+        key = hf_name(name)
+        if key == "lm_head.weight" and key not in self.files and self.tied:
+            key = "model.embed_tokens.weight"
+        if key not in self.files:
+            raise ValueError(f"{self.path!r} has no tensor {key!r} (needed for the engine's {name})")
+        file = self.files[key]
+        if file not in self.handles:
+            if not os.path.isfile(file):
+                raise ValueError(f"{file} (listed in {INDEX} for {key!r}) does not exist")
+            try:
+                self.handles[file] = safe_open(file, framework="pt", device="cpu")
+            except Exception as exc:  # safetensors raises its own error types for a damaged header
+                raise ValueError(f"{file} is not a readable safetensors file ({exc})") from exc
+        view = self.handles[file].get_slice(key)
+        if tuple(view.get_shape()) != full:
+            raise ValueError(
+                f"{file}: tensor {key!r} has shape {tuple(view.get_shape())}, the config implies {full}"
+            )
+        return view
+
+    def read(self, name: str, param, groups, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Rows `rows` (dim 0, default all) of this rank's tp slice of the parameter `name`; only
+        those bytes are read from the file."""
+        from ..tensor_parallel.mappings import axis_rank, axis_size
+
+        full = tuple(getattr(param, "tp_full_shape", tuple(param.shape)))
+        view = self.view(name, full)
+        dim = getattr(param, "tp_dim", None)
+        tp_split = dim is not None and axis_size(groups) > 1
+        n = full[dim] // axis_size(groups) if tp_split else None
+        t0 = axis_rank(groups) * n if tp_split else 0  # first index of the tp slice along `dim`
+        if rows is None:
+            rows = (0, n if tp_split and dim == 0 else full[0])
+        r0, r1 = rows
+        if tp_split and dim == 0:
+            chunk = view[t0 + r0 : t0 + r1]
+        elif tp_split:  # dim 1: this tp rank's columns of rows r0:r1
+            chunk = view[r0:r1, t0 : t0 + n]
+        else:
+            chunk = view[r0:r1]
+        self.bytes_read += chunk.numel() * chunk.element_size()
+        return chunk
+
+    def close(self) -> None:
+        self.handles.clear()
+
+
 @torch.no_grad()
-def load_hf_weights(model, path: str, hf: dict) -> None:
-    """Fill every parameter of `model` (plain tp slices, before FSDP) with its slice of the HF tensors."""
-    from safetensors import safe_open
-
-    from ..tensor_parallel.mappings import axis_rank, axis_size
-
-    files = _weight_files(path)
-    tied = bool(hf.get("tie_word_embeddings", False))
-    groups = model.groups
-    handles: dict = {}
+def load_hf_weights(model, path: str, hf: dict) -> int:
+    """Fill every parameter of `model` (plain tp slices, before FSDP) with its slice of the HF tensors;
+    returns the bytes read from the files."""
+    reader = _Reader(path, hf)
     try:
         for name, param in model.named_parameters():
-            key = hf_name(name)
-            if key == "lm_head.weight" and key not in files and tied:
-                key = "model.embed_tokens.weight"
-            if key not in files:
-                raise ValueError(f"{path!r} has no tensor {key!r} (needed for the engine's {name})")
-            file = files[key]
-            if file not in handles:
-                if not os.path.isfile(file):
-                    raise ValueError(f"{file} (listed in {INDEX} for {key!r}) does not exist")
-                try:
-                    handles[file] = safe_open(file, framework="pt", device="cpu")
-                except Exception as exc:  # safetensors raises its own error types for a damaged header
-                    raise ValueError(f"{file} is not a readable safetensors file ({exc})") from exc
-            view = handles[file].get_slice(key)
-            full = tuple(getattr(param, "tp_full_shape", tuple(param.shape)))
-            if tuple(view.get_shape()) != full:
-                raise ValueError(
-                    f"{file}: tensor {key!r} has shape {tuple(view.get_shape())}, the config implies {full}"
-                )
-            dim = getattr(param, "tp_dim", None)
-            if dim is None or axis_size(groups) == 1:
-                chunk = view[:]
-            else:
-                n = param.shape[dim]
-                start = axis_rank(groups) * n
-                chunk = view[start : start + n] if dim == 0 else view[:, start : start + n]
-            param.copy_(chunk.to(param.dtype))
+            param.copy_(reader.read(name, param, model.groups).to(param.dtype))
     finally:
-        handles.clear()
+        reader.close()
+    return reader.bytes_read
 
 
-def from_hf(cls, path: str, groups=None, *, max_seq_len: int | None = None, **options):
+@torch.no_grad()
+def load_sharded(
+    cls,
+    path: str,
+    groups,
+    *,
+    max_seq_len: int | None = None,
+    reshard_after_forward: bool = True,
+    compute_dtype: torch.dtype | None = None,
+    **options,
+):
+    """A `cls` (Transformer) from the HF directory `path`, FSDP2-sharded over dp_sp, loaded into shards.
+
+    Built on the meta device (no storage, no random init), sharded (`fsdp.shard_model`), given storage
+    for this rank's shards only (`fsdp.materialize`), then each parameter's shard is filled with the
+    rows it holds of this rank's tp slice, read through `safe_open(...).get_slice(name)[r0:r1, ...]`.
+    A rank thus reads and allocates about 1/(dp*sp) of its tp slice (`model.hf_load_stats` records
+    `bytes_read`, `tp_slice_bytes` and `shard_bytes`). Collective: every rank of the job calls it.
+    `options`: the Transformer's own; `device` (default: the groups' device) is where the shards live.
+    """
+    from ..fsdp import materialize, shard_model, shard_rows
+
+    if groups is None or not dist.is_initialized():
+        raise ValueError("load_sharded (from_hf with fsdp=True) needs initialised process groups")
+    hf = read_hf_config(path)
+    config = config_from_hf(hf, max_seq_len=max_seq_len)
+    device = options.pop("device", None) or groups.device
+    model = cls(config, groups, device="meta", **options)
+    shard_model(model, groups, reshard_after_forward=reshard_after_forward, compute_dtype=compute_dtype)
+    materialize(model, device)
+    reader = _Reader(path, hf)
+    tp_slice_bytes = shard_bytes = 0
+    try:
+        for name, param in model.named_parameters():
+            local = param.to_local() if hasattr(param, "to_local") else param
+            tp_slice_bytes += param.numel() * param.element_size()
+            shard_bytes += local.numel() * local.element_size()
+            r0, r1 = shard_rows(param)
+            if r1 > r0:
+                local.copy_(reader.read(name, param, groups, (r0, r1)).to(local.dtype))
+    finally:
+        reader.close()
+    model.hf_config = hf
+    model.hf_load_stats = {"bytes_read": reader.bytes_read, "tp_slice_bytes": tp_slice_bytes,
+                           "shard_bytes": shard_bytes}  # fmt: skip
+    return model
+
+
+def from_hf(cls, path: str, groups=None, *, max_seq_len: int | None = None, fsdp: bool = False, **options):
     """A `cls` (Transformer) built from the Hugging Face directory `path`, each rank reading its slices.
 
     `options` are the Transformer's own (attention_backend, tp_sequence_parallel, dtype, device, ...);
-    `max_seq_len` is the longest sequence it will see (checked against a sliding window).
+    `max_seq_len` is the longest sequence it will see (checked against a sliding window). `fsdp=True`
+    returns the model FSDP2-sharded over dp_sp, each rank reading only its shards (`load_sharded`,
+    which also takes `reshard_after_forward` and `compute_dtype`).
     """
+    if fsdp:
+        return load_sharded(cls, path, groups, max_seq_len=max_seq_len, **options)
     hf = read_hf_config(path)
     config = config_from_hf(hf, max_seq_len=max_seq_len)
     model = cls(config, groups, **options)
-    load_hf_weights(model, path, hf)
+    model.hf_load_stats = {"bytes_read": load_hf_weights(model, path, hf)}
     model.hf_config = hf
     return model
 

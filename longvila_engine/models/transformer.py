@@ -299,6 +299,7 @@ class Transformer(nn.Module):
     `scheme` (the sharding scheme the batch was cut with), `attention_algorithm` ("ring" or
     "allgather"), `ce_chunk_size` (tokens per loss chunk), `seed` (deterministic, layout-free init:
     every tp rank holds exactly its slices of the dense model built from the same seed).
+    `device="meta"` builds the shapes only (no storage, no init): materialise with `to_empty` and fill.
     """
 
     def __init__(
@@ -320,7 +321,8 @@ class Transformer(nn.Module):
         super().__init__()
         if not isinstance(config, ModelConfig):
             raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}")
-        groups = as_groups(groups, device)  # None: one process (ParallelGroups.single)
+        on_meta = device is not None and torch.device(device).type == "meta"
+        groups = as_groups(groups, None if on_meta else device)  # None: one process (ParallelGroups.single)
         self.config, self.groups, self.scheme = config, groups, scheme
         self.attention_backend = attention_backend
         self.tp_sequence_parallel = bool(tp_sequence_parallel) and axis_size(groups) > 1
@@ -354,7 +356,8 @@ class Transformer(nn.Module):
         self.lm_head = ColumnParallelLinear(
             config.hidden_size, config.vocab_size, groups, init_std=config.init_std, **kw
         )
-        self.reset_parameters(seed)
+        if not on_meta:  # meta: shapes only, no init cost; the caller materialises (e.g. hf_weights.load_sharded)
+            self.reset_parameters(seed)
 
     @torch.no_grad()
     def reset_parameters(self, seed: int = 0) -> None:
@@ -468,7 +471,8 @@ class Transformer(nn.Module):
     def from_hf(cls, path: str, groups=None, **options) -> Transformer:
         """A model from a Hugging Face Llama / Qwen2 / Mistral directory, each rank reading only its
         tp slices (`models/hf_weights.py`). `options`: this class's keyword arguments, and
-        `max_seq_len` (checked against a sliding window)."""
+        `max_seq_len` (checked against a sliding window). `fsdp=True` (with `reshard_after_forward`,
+        `compute_dtype`): built on meta and FSDP2-sharded, each rank reading only its shards' rows."""
         from .hf_weights import from_hf
 
         return from_hf(cls, path, groups, **options)
