@@ -769,6 +769,17 @@ def fake_cuda_forward() -> str:
         no_grad = f"yes without autograd (RMSNorm, embedding, matmul, flash SDPA -> {tuple(out.shape)} {out.device})"
     except Exception as exc:  # noqa: BLE001 - the verdict is the message
         no_grad = f"no, even without autograd: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    try:
+        from . import ops
+
+        recorder = _StepRecorder()
+        with torch.no_grad(), FakeTensorMode(), recorder:
+            q = torch.empty(1, 128, 8, 64, device="cuda", dtype=torch.bfloat16)
+            k = torch.empty(1, 128, 2, 64, device="cuda", dtype=torch.bfloat16)
+            ops.block_attention(q, k, k, causal=True)
+        no_grad += f"; ops.block_attention(backend='auto') on CUDA dispatches to {sorted(recorder.attention)}"
+    except Exception as exc:  # noqa: BLE001 - the verdict is the message
+        no_grad += f"; ops.block_attention on fake CUDA failed: {type(exc).__name__}: {str(exc)[:120]}"
     proc = subprocess.run([sys.executable, "-c", _GRAD_ON_FAKE_CUDA], capture_output=True, text=True, timeout=120)
     if proc.returncode == 0 and "ok" in proc.stdout:
         grad = "yes with autograd recording"
