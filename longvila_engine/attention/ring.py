@@ -81,7 +81,7 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, groups, q_chunks, plan, softmax_scale, backend):
         q_parts = split_chunks(q, q_chunks)
         outs, lses = new_accumulators(q_parts)
-        exchange = RingExchange(groups, tag=_KV_TAG)
+        exchange = RingExchange(groups, tag=_KV_TAG, double_buffer=True)
         k_cur, v_cur = k, v
         last = len(plan) - 1
         for step, blocks in enumerate(plan):
@@ -101,14 +101,22 @@ class _RingAttention(torch.autograd.Function):
         groups, q_chunks, plan, softmax_scale, backend = ctx.args
         acc = acc_dtype(q.dtype)
         q_parts, out_parts, dout_parts, lse_parts, dqs = backward_parts(q, out, dout, lse, q_chunks)
-        kv_exchange = RingExchange(groups, tag=_KV_TAG)
-        dkv_exchange = RingExchange(groups, tag=_DKV_TAG)
+        # Receive buffers: two sets per stream for the whole call, not one per step (comm/ring.py).
+        kv_exchange = RingExchange(groups, tag=_KV_TAG, double_buffer=True)
+        dkv_exchange = RingExchange(groups, tag=_DKV_TAG, double_buffer=True)
         k_cur, v_cur = k, v
+        # Step 0 computes into a fresh accumulator pair, which is sent on; later steps compute into one
+        # reused pair, zeroed per step, and add it into the accumulator received from r-1.
+        dk_step, dv_step = (torch.zeros(k.shape, dtype=acc, device=k.device) for _ in range(2))
         last = len(plan) - 1
         for step, blocks in enumerate(plan):
             if step < last:
                 kv_exchange.start([k_cur, v_cur])
-            dk_step, dv_step = (torch.zeros(k.shape, dtype=acc, device=k.device) for _ in range(2))
+            if step == 1:  # step 0's pair is in flight
+                dk_step, dv_step = (torch.zeros(k.shape, dtype=acc, device=k.device) for _ in range(2))
+            elif step > 1:
+                dk_step.zero_()
+                dv_step.zero_()
             backward_blocks(dout_parts, q_parts, k_cur, v_cur, out_parts, lse_parts, blocks, dqs, dk_step,
                             dv_step, softmax_scale=softmax_scale, backend=backend)
             if step > 0:  # the accumulator of the K/V block held now, sent by r-1 one step ago

@@ -36,12 +36,16 @@ class RingExchange:
     | direction | +1: send to the next rank, receive from the previous (K/V flow); -1: the reverse |
     | tag | first P2P tag of this stream; tensor i of a call uses tag + i. Two exchanges in flight at
     once on the same group must use disjoint tag ranges |
+    | double_buffer | receive into two alternating sets of buffers, allocated once, instead of fresh
+    ones per start: what wait() returns is then overwritten by the next-but-one start, which suits a
+    ring loop that computes on and forwards each received tensor during the next step only |
 
     One `start` may be in flight at a time per object; `wait` must follow before the next `start`.
     The sent tensors are kept alive (and must not be written to) until `wait` returns.
     """
 
-    def __init__(self, groups, *, axis: str = "ring", direction: int = 1, tag: int = 0):
+    def __init__(self, groups, *, axis: str = "ring", direction: int = 1, tag: int = 0,
+                 double_buffer: bool = False):
         if direction not in (1, -1):
             raise ValueError(f"direction must be +1 or -1, got {direction!r}")
         self.axis = axis
@@ -56,6 +60,8 @@ class RingExchange:
         self._works = None
         self._sent = None
         self._received = None
+        self._sets = [None, None] if double_buffer else None
+        self._starts = 0
 
     @property
     def in_flight(self) -> bool:
@@ -68,7 +74,15 @@ class RingExchange:
         if self.size == 1:
             raise ValueError(f"a ring of one rank has no neighbour to exchange with (axis {self.axis!r})")
         sent = [t.contiguous() for t in tensors]
-        received = [torch.empty_like(t) for t in sent]
+        if self._sets is None:
+            received = [torch.empty_like(t) for t in sent]
+        else:  # start n receives into set n % 2, allocated on first use
+            turn = self._starts % 2
+            if self._sets[turn] is None or [(b.shape, b.dtype) for b in self._sets[turn]] != \
+                    [(t.shape, t.dtype) for t in sent]:
+                self._sets[turn] = [torch.empty_like(t) for t in sent]
+            received = self._sets[turn]
+        self._starts += 1
         sends = [dist.P2POp(dist.isend, t, group=self.group, group_peer=self.send_to, tag=self.tag + i)
                  for i, t in enumerate(sent)]
         recvs = [dist.P2POp(dist.irecv, t, group=self.group, group_peer=self.recv_from, tag=self.tag + i)
