@@ -1,6 +1,7 @@
 """scripts/gpu_check.py on a machine without a GPU: it refuses at once and writes nothing; its report
 renders every step and kernel cell, errors included."""
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -52,3 +53,21 @@ def test_markdown_report_lists_steps_and_kernel_cells():
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2:] == ["300.0; 200.0", "-", "-", "RuntimeError: no kernel"]
     assert text.rstrip().endswith("overall: FAILED")
+
+
+def test_cuda_build_check_names_the_ops_without_a_cuda_kernel(tmp_path):
+    """scripts/cuda_build_check.py (the last step of `make cuda-build`) on this CPU-only build: it must
+    fail and name exactly the operators that need a CUDA kernel, not those served by Triton/aten."""
+    from longvila_engine._extension import cuda_kernels_available, extension_available
+
+    if not extension_available() or cuda_kernels_available():
+        pytest.skip("needs the CPU-only build of the extension")
+    out = tmp_path / "cuda-build.json"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "cuda_build_check.py"), "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["ok"] is False and report["cpu_roundtrip"] is True
+    assert sorted(report["missing_cuda"]) == ["longvila_engine::merge_attn", "longvila_engine::varlen_index",
+                                              "longvila_engine::zigzag_permute"]
+    assert "FAILED, no CUDA kernel for" in proc.stdout and "attn_fwd" not in proc.stdout.split("FAILED")[-1]
