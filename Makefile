@@ -49,6 +49,7 @@ gpu-check: build
 	if $(VPY) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)"; then \
 	  $(VPY) scripts/gpu_check.py; \
 	else \
+	  nvidia-smi -L >/dev/null 2>&1 || { echo "gpu-check: refused, needs a CUDA GPU (nvidia-smi finds none)"; exit 2; }; \
 	  $(MAKE) --no-print-directory cuda-build && \
 	  TRITON_VERSION=$(TRITON_VERSION) TRANSFORMERS_VERSION=$(TRANSFORMERS_VERSION) AV_VERSION=$(AV_VERSION) \
 	    bash scripts/gpu_check_cuda_venv.sh; \
