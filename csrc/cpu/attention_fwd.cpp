@@ -11,6 +11,8 @@
 // micro-kernel panel), Bq/Bk query/key tile rows, T accumulator type.
 #include <ATen/Parallel.h>
 #include <omp.h>
+#include <cstdlib>
+#include <string>
 #include <torch/library.h>
 
 #include "attention_cpu.h"
@@ -18,6 +20,17 @@
 
 namespace lv {
 namespace cpu {
+
+// Read once per process: LONGVILA_CPU_GEMM=blas sends float tiles to MKL's sgemm (attention_cpu.h);
+// unset, or anything else, keeps the micro-kernel.
+bool gemm_use_blas() {
+  static const bool use = [] {
+    const char* v = std::getenv("LONGVILA_CPU_GEMM");
+    return v != nullptr && std::string(v) == "blas";
+  }();
+  return use;
+}
+
 namespace {
 
 // 96 query rows = 16 micro-kernel strips of 6; 128 keys amortise the P*V accumulator traffic.

@@ -9,12 +9,14 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Config.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX__)
@@ -180,8 +182,8 @@ __attribute__((noinline)) void micro_tile(int64_t K, const T* A, int64_t rs_a, i
 }
 
 template <typename T>
-inline void gemm_tile(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int64_t cs_a, const T* B,
-                      int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+inline void gemm_tile_simd(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int64_t cs_a, const T* B,
+                           int64_t ldb, T* C, int64_t ldc, bool accumulate) {
   constexpr int P = kPanel<T>;
   constexpr int MR = 6;
   for (int64_t j = 0; j < N; j += P) {
@@ -200,6 +202,42 @@ inline void gemm_tile(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a,
       default: break;
     }
   }
+}
+
+// Optional route for float tiles: the MKL sgemm that torch links (libtorch_cpu exports it; the float
+// at::native::cpublas::gemm is not exported). MKL picks its kernel for the CPU it runs on (AVX-512
+// where present, AVX2 elsewhere), so this is a dispatch on CPU features at run time without compiling
+// this header twice; inside the kernels' OpenMP regions it runs single-threaded (MKL_DYNAMIC), as in
+// torch's CPU flash attention, which calls the same BLAS per block. Off unless LONGVILA_CPU_GEMM=blas:
+// on the AMD EPYC (AVX-512) it was tried on (2026-11-29, 1 thread, thread CPU time), per-tile sgemm
+// made fp32 forward+backward 1.1-1.4x slower than the micro-kernel. double always keeps the latter.
+bool gemm_use_blas();
+#if AT_MKL_ENABLED()
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc);
+#endif
+
+// C[M x N] (=, or += when accumulate) A[M x K] * B[K x N], A and B as for micro_tile.
+template <typename T>
+inline void gemm_tile(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int64_t cs_a, const T* B,
+                      int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+#if AT_MKL_ENABLED()
+  // Row-major C = A * B is column-major C^T = B^T * A^T; A is row-major (cs_a == 1) or transposed.
+  if constexpr (std::is_same_v<T, float>) {
+    if (M > 0 && N > 0 && K > 0 && (cs_a == 1 || rs_a == 1) && gemm_use_blas()) {
+      const bool a_rows = cs_a == 1;
+      const char ta = 'N', tb = a_rows ? 'N' : 'T';
+      const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+      const int ld_b = static_cast<int>(ldb), ld_a = static_cast<int>(a_rows ? rs_a : cs_a);
+      const int ld_c = static_cast<int>(ldc);
+      const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+      sgemm_(&ta, &tb, &m, &n, &k, &alpha, B, &ld_b, A, &ld_a, &beta, C, &ld_c);
+      return;
+    }
+  }
+#endif
+  gemm_tile_simd<T>(M, N, K, A, rs_a, cs_a, B, ldb, C, ldc, accumulate);
 }
 
 // ---------------------------------------------------------------------------------------------
