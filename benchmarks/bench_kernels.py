@@ -20,7 +20,7 @@ measures the rest; once it is built it is picked up with no change here.
 Sizes: --smoke (S 64/128, 2 heads: seconds, CI), --demo (S 1024-4096, head dim 64: minutes), default
 (S 1024-8192, head dims 64 and 128: tens of minutes on 2 cores, most of it torch's bf16 backward).
 
-    python benchmarks/bench_kernels.py [--smoke | --demo] [--seq-lens 1024,2048] [--head-dims 64]
+    python benchmarks/bench_kernels.py [--smoke | --demo] [--seq-lens 1024,2048] [--head-dims 64] [--dtypes fp32]
 """
 from __future__ import annotations
 
@@ -181,14 +181,15 @@ def case_flops(case, cfg):
 # The run
 # --------------------------------------------------------------------------------------------------
 
-def plan(size, seq_lens=None, head_dims=None):
+def plan(size, seq_lens=None, head_dims=None, dtypes=None):
     """(case, config) pairs in the order they are measured."""
     p = SIZES[size]
+    dtypes = dtypes or p["dtypes"]
     seq_lens = seq_lens or p["seq_lens"]
     head_dims = head_dims or p["head_dims"]
     resume_lens = p["resume_seq_lens"] if seq_lens == p["seq_lens"] else seq_lens
     out = []
-    for dt in p["dtypes"]:
+    for dt in dtypes:
         for D in head_dims:
             for case in ("fwd", "fwd_bwd", "resume"):
                 cap = p.get("max_seq_len", {}).get((case, dt))
@@ -217,7 +218,7 @@ def _max_abs_diff(a, b):
     return float((a.float() - b.float()).abs().max())
 
 
-def run(size, *, seq_lens=None, head_dims=None, results_dir=None, plot=True):
+def run(size, *, seq_lens=None, head_dims=None, dtypes=None, results_dir=None, plot=True):
     p = SIZES[size]
     threads = harness.configure_threads()
     results = harness.ResultsFile(NAME, results_dir=results_dir)
@@ -234,7 +235,7 @@ def run(size, *, seq_lens=None, head_dims=None, results_dir=None, plot=True):
               "it would be, so the resume ratio flatters the fused step")
 
     rows, errors = [], []
-    todo = plan(size, seq_lens, head_dims)
+    todo = plan(size, seq_lens, head_dims, dtypes)
     t_start = time.perf_counter()
     for case, cfg in harness.progress(todo, desc=NAME, total=len(todo)):
         cfg = dict(cfg, merge_backend=merge_backend) if case == "resume" else cfg
@@ -352,11 +353,15 @@ def main(argv=None):
     g.add_argument("--demo", action="store_true", help="medium run for `make demo` (minutes)")
     ap.add_argument("--seq-lens", type=_int_list, default=None, help="comma-separated S (overrides)")
     ap.add_argument("--head-dims", type=_int_list, default=None, help="comma-separated head dims")
+    ap.add_argument("--dtypes", type=lambda t: [x for x in t.split(",") if x], default=None,
+                    help=f"comma-separated, of {sorted(DTYPES)}")
     ap.add_argument("--results-dir", default=None, help="where the .jsonl and .png go (benchmarks/results)")
     ap.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args = ap.parse_args(argv)
     size = "smoke" if args.smoke else "demo" if args.demo else "full"
-    run(size, seq_lens=args.seq_lens, head_dims=args.head_dims, results_dir=args.results_dir,
+    if args.dtypes and not set(args.dtypes) <= set(DTYPES):
+        ap.error(f"--dtypes takes {sorted(DTYPES)}, got {args.dtypes}")
+    run(size, seq_lens=args.seq_lens, head_dims=args.head_dims, dtypes=args.dtypes, results_dir=args.results_dir,
         plot=not args.no_plot)
     return 0
 
