@@ -1,6 +1,7 @@
 """Compile every Triton kernel ahead of time for sm_80 and sm_90 (bf16/fp16, head dims 64/128, causal
-and not) and print tile, warps, stages, registers, spills and shared memory per kernel. Needs no GPU.
-Exits 1 if any compile fails, any kernel spills registers, or ptxas serializes wgmma (C7515) on sm_90.
+and not) and print tile, warps, stages, registers, spills, shared memory and TMA copies (PTX
+`cp.async.bulk.tensor`) per kernel. Needs no GPU. Exits 1 if any compile fails, any kernel spills
+registers, ptxas serializes wgmma (C7515) on sm_90, or a tensor-descriptor kernel has no TMA copy.
 
     python scripts/aot_triton.py                       # the full table
     python scripts/aot_triton.py --arch 90 --dtype fp16 --head-dim 64 --kernel attn_fwd
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
                 failures += 1
                 print(f"{job[0]:<36} sm_{job[1]:<3} {job[2]:<5} {job[3]:>4} FAILED\n{error}", flush=True)
     print(f"{len(jobs) - failures}/{len(jobs)} compiled in {time.perf_counter() - start:.1f} s; "
-          f"{len(rejected)} rejected (spills, or wgmma serialized on sm_90)")
+          f"{len(rejected)} rejected (spills, wgmma serialized on sm_90, or descriptors without TMA)")
     for line in rejected:
         print("REJECTED " + line)
     if args.markdown:
@@ -78,10 +79,10 @@ def main(argv=None) -> int:
 
 
 def _write_markdown(path: str, results) -> None:
-    lines = ["| kernel | arch | dtype | D | tile | warps | stages | regs | spills (B) | smem (B) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | arch | dtype | D | tile | warps | stages | regs | spills (B) | smem (B) | TMA copies |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| `{r.name}` | sm_{r.arch} | {r.dtype} | {r.head_dim} | {r.block} | {r.warps} | {r.stages} | "
-              f"{r.n_regs} | {r.n_spills} | {r.shared} |" for r in results]
+              f"{r.n_regs} | {r.n_spills} | {r.shared} | {r.tma_copies} |" for r in results]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -1,4 +1,5 @@
-"""backend='triton' against backend='reference': forward, backward, varlen, resume, AOT compile.
+"""backend='triton' against backend='reference': forward (pointer and tensor-descriptor loads), backward,
+varlen, resume, AOT compile.
 
 How this file gets an interpreter. Measured on triton 3.7.1: TRITON_INTERPRET is read when a
 function is decorated with @triton.jit, and triton's own language helpers (tl.zeros, tl.sum, ...) are
@@ -274,6 +275,81 @@ def test_gpu_tile_shapes_split_diagonal_correctly(device, monkeypatch):
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("case", ["dense-gqa-causal-Sq67-Sk40", "dense-mqa-Sq45-Sk67-D32", "varlen",
+                                  "resume-causal-then-past"])
+def test_tensor_descriptor_forward_matches_reference(device, monkeypatch, case):
+    """The sm_90 forward's tensor-descriptor loads (TMA=True), forced on under the interpreter (which
+    runs `tl.make_tensor_descriptor` loads, zero-filling rows past the sequence end as TMA does), with
+    the GPU's unequal 64x32 tiles: same results as `reference` and as the pointer path."""
+    from longvila_engine.kernels.triton import attention_fwd
+
+    if not INTERPRETS:
+        pytest.skip("the descriptor path is forced only under the interpreter")
+    taken = []
+    eligible = attention_fwd._tma_eligible
+    monkeypatch.setattr(attention_fwd, "_tma_eligible", lambda *a: taken.append(eligible(*a)) or taken[-1])
+
+    def run(tma):
+        monkeypatch.setattr(attention_fwd, "fwd_config", lambda *a, **k: {
+            "BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 1, "num_stages": 1, "TMA": tma})
+        if case == "varlen":
+            lens_q, lens_k = [20, 1, 0, 70, 5], [23, 3, 4, 66, 0]
+            cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32, device=device)
+            cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32, device=device)
+            q, k, v = _qkv((1, sum(lens_q), 4, 16), (1, sum(lens_k), 2, 16), torch.float32, device, seed=13)
+            return block_attention(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend=backend)
+        if case == "resume-causal-then-past":
+            q, k, v = _qkv((1, 70, 4, 16), (1, 70, 2, 16), torch.float32, device, seed=14)
+            _, k2, v2 = _qkv((1, 70, 4, 16), (1, 50, 2, 16), torch.float32, device, seed=15)
+            out, lse = block_attention(q, k, v, causal=True, backend=backend)
+            out = out.float()
+            return block_attention(q, k2, v2, causal=False, out=out, lse=lse, backend=backend)
+        shapes = {"dense-gqa-causal-Sq67-Sk40": ((2, 67, 4, 16), (2, 40, 2, 16), True),
+                  "dense-mqa-Sq45-Sk67-D32": ((1, 45, 4, 32), (1, 67, 1, 32), False)}
+        shape_q, shape_k, causal = shapes[case]
+        q, k, v = _qkv(shape_q, shape_k, torch.float32, device, seed=16)
+        return block_attention(q, k, v, causal=causal, backend=backend)
+
+    backend = "reference"
+    want = run(False)
+    backend = "triton"
+    pointers = run(False)
+    assert taken and not any(taken)
+    taken.clear()
+    got = run(True)
+    assert taken and all(taken)  # every launch went through the descriptors
+    for g, w, p in zip(got, want, pointers):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g, p, atol=1e-6, rtol=1e-6)
+
+
+def test_tensor_descriptors_only_on_sm90_16bit_and_aligned():
+    """Dispatch: the descriptor forward is the sm_90 16-bit config (the AOT spec compiles it there),
+    never sm_80, float32 or the interpreter's; the launcher falls back to pointers for a padded head
+    dim, a misaligned base or row stride, or empty keys."""
+    from longvila_engine.kernels.triton import attention_fwd as fwd
+
+    for d in (64, 128):
+        assert fwd.fwd_config(d, interpreted=False, arch=90).get("TMA") is True
+        assert not fwd.fwd_config(d, interpreted=False, arch=80).get("TMA", False)
+        assert not fwd.fwd_config(d, interpreted=False, fp32=True, arch=90).get("TMA", False)
+        assert not fwd.fwd_config(d, interpreted=True, arch=90).get("TMA", False)
+        for dtype in ("fp16", "bf16"):
+            tma = {arch: {s[0]: s[3]["TMA"] for s in fwd.aot_specs(dtype, d, True, arch)} for arch in (80, 90)}
+            assert all(tma[90].values()) and not any(tma[80].values())
+    cfg = {"TMA": True}
+    t = torch.zeros(2, 40, 4, 64, dtype=torch.float16)
+    assert fwd._tma_eligible(cfg, 64, t, t, t)
+    assert not fwd._tma_eligible({}, 64, t, t, t)
+    assert not fwd._tma_eligible(cfg, 24, *(torch.zeros(2, 40, 4, 24, dtype=torch.float16),) * 3)
+    flat = torch.zeros(2 * 40 * 4 * 64 + 1, dtype=torch.float16)
+    shifted = flat[1:].view(2, 40, 4, 64)  # base 2 bytes past an aligned allocation
+    assert not fwd._tma_eligible(cfg, 64, shifted, t, t)
+    odd_rows = torch.zeros(2, 40, 4, 68, dtype=torch.float16)[..., :64]  # row stride 136 bytes
+    assert not fwd._tma_eligible(cfg, 64, t, odd_rows, t)
+    assert not fwd._tma_eligible(cfg, 64, t, t[:, :0], t[:, :0])
+
+
 def test_float64_is_refused_with_the_fix(device):
     q, k, v = _qkv((1, 8, 2, 16), (1, 8, 2, 16), torch.float64, device)
     with pytest.raises(ValueError, match=r"float64.*backend='cpu'.*backend='reference'"):
@@ -297,6 +373,23 @@ def test_aot_compile_one_kernel_for_sm90():
     assert (int(n_spills), problems.strip()) == (0, "[]")
 
 
+def test_aot_forward_uses_tma_on_sm90_only():
+    """The sm_90 forward (bf16, D=128, the ring's hot path) compiles with tensor descriptors into TMA
+    copies (`cp.async.bulk.tensor` in its PTX), without spills or serialized wgmma; the sm_80 one has none."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    code = ("from longvila_engine.kernels.triton import aot\n"
+            "for arch in (90, 80):\n"
+            "    r = aot.compile_kernel('attn_fwd', arch, 'bf16', 128)\n"
+            "    print(arch, r.tma_copies, int(r.wants_tma), r.n_spills, r.stages, len(r.problems))\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {int(line.split()[0]): [int(x) for x in line.split()[1:]] for line in proc.stdout.splitlines()}
+    tma90, wants90, spills90, stages90, problems90 = rows[90]
+    assert tma90 > 0 and wants90 == 1 and stages90 >= 3 and (spills90, problems90) == (0, 0)
+    assert rows[80][:2] == [0, 0] and rows[80][2:] == [0, 3, 0]
+
+
 @pytest.mark.parametrize("arch,notes,spills,want", [
     (90, ("(C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized",), 0,
      ["wgmma serialized (ptxas C7515)"]),
@@ -309,3 +402,13 @@ def test_aot_rejects_spills_and_serialized_wgmma(arch, notes, spills, want):
 
     r = AotResult("attn_bwd_dq", arch, "fp16", 128, 192, spills, 98304, 3, 8, "128x32", notes, 1.0)
     assert r.problems == want
+
+
+def test_aot_rejects_descriptors_without_tma_copies():
+    from longvila_engine.kernels.triton.aot import AotResult
+
+    args = ("attn_fwd", 90, "bf16", 128, 244, 0, 131072, 3, 8, "128x64", (), 1.0)
+    assert AotResult(*args, tma_copies=0, wants_tma=True).problems == [
+        "tensor descriptors compiled without TMA (cp.async.bulk.tensor not in the PTX)"]
+    assert AotResult(*args, tma_copies=4, wants_tma=True).problems == []
+    assert AotResult(*args).problems == []

@@ -11,7 +11,9 @@ made is assembled once more with the ptxas that ships with triton, with triton's
 -lineinfo --regAllocOptLevel=2 --gpu-name=sm_90a`), and its log is read: "Used N registers", "N bytes
 spill stores/loads", and the performance warnings, among them C7515 ("wgmma.mma_async instructions
 are serialized"), which ptxas prints as info, not as a warning, and which triton never shows.
-`AotResult.problems` lists what `scripts/aot_triton.py` fails on: any spill, and C7515 on sm_90.
+`AotResult.problems` lists what `scripts/aot_triton.py` fails on: any spill, C7515 on sm_90, and a
+kernel compiled with tensor descriptors (`TMA` constexpr, the sm_90 forward) whose PTX has no TMA copy
+(`cp.async.bulk.tensor`): the table's `tma` column counts those instructions in the PTX.
 
 What it does not do: run or time anything, autotune, or write a loadable library; it must run in a
 process that did not import triton with TRITON_INTERPRET=1 (see attention_fwd.process_interprets).
@@ -35,6 +37,7 @@ HEAD_DIMS = (64, 128)
 
 
 SERIALIZED = "C7515"  # ptxas: wgmma.mma_async instructions are serialized
+TMA_COPY = "cp.async.bulk.tensor"  # PTX of a TMA (tensor descriptor) copy
 
 
 @dataclass(frozen=True)
@@ -51,13 +54,18 @@ class AotResult:
     block: str  # "BLOCK_MxBLOCK_N"
     ptxas_notes: tuple  # ptxas performance lines (C-coded), verbatim
     seconds: float
+    tma_copies: int = 0  # TMA copy instructions (cp.async.bulk.tensor) in the PTX
+    wants_tma: bool = False  # compiled with tensor descriptors (constexpr TMA=True)
 
     @property
     def problems(self) -> list[str]:
-        """What the AOT step fails on: a spill anywhere, a serialized wgmma on sm_90."""
+        """What the AOT step fails on: a spill anywhere, a serialized wgmma on sm_90, a descriptor
+        kernel without TMA copies."""
         found = [f"{self.n_spills} bytes of register spills"] if self.n_spills else []
         if self.arch == 90 and any(SERIALIZED in note for note in self.ptxas_notes):
             found.append("wgmma serialized (ptxas C7515)")
+        if self.wants_tma and not self.tma_copies:
+            found.append(f"tensor descriptors compiled without TMA ({TMA_COPY} not in the PTX)")
         return found
 
 
@@ -119,14 +127,15 @@ def compile_kernel(name: str, arch: int, dtype: str, head_dim: int) -> AotResult
     regs, spills, notes = ptxas_report(compiled.asm["ptx"], arch)
     block = "x".join(str(constexprs[key]) for key in ("BLOCK_M", "BLOCK_N") if key in constexprs)
     return AotResult(name, arch, dtype, head_dim, regs, spills, compiled.metadata.shared, options["num_stages"],
-                     options["num_warps"], block, notes, time.perf_counter() - start)
+                     options["num_warps"], block, notes, time.perf_counter() - start,
+                     tma_copies=compiled.asm["ptx"].count(TMA_COPY), wants_tma=bool(constexprs.get("TMA", False)))
 
 
 def format_row(r: AotResult) -> str:
     verdict = "FAIL: " + "; ".join(r.problems) if r.problems else "ok"
     return (f"{r.name:<36} sm_{r.arch:<3} {r.dtype:<5} {r.head_dim:>4} {r.block:>7} {r.warps:>5} {r.stages:>6} "
-            f"{r.n_regs:>5} {r.n_spills:>7} {r.shared:>8} {r.seconds:>6.1f}  {verdict}")
+            f"{r.n_regs:>5} {r.n_spills:>7} {r.shared:>8} {r.tma_copies:>4} {r.seconds:>6.1f}  {verdict}")
 
 
 HEADER = (f"{'kernel':<36} {'arch':<6} {'dtype':<5} {'D':>4} {'tile':>7} {'warps':>5} {'stages':>6} {'regs':>5} "
-          f"{'spills':>7} {'shared':>8} {'sec':>6}  verdict")
+          f"{'spills':>7} {'shared':>8} {'tma':>4} {'sec':>6}  verdict")

@@ -9,6 +9,9 @@ Features: GQA/MQA (query head h reads key/value head h // group), causal masking
 packed varlen (B == 1, int32 cu_seqlens; a tile map built with torch ops on the device says which
 sequence and which row block each program owns, so nothing synchronises with the host), any head dim
 (padded to a power of two inside the kernel). Rows that see no key get lse = -inf and out = 0.
+On sm_90 with 16-bit inputs (constexpr TMA) Q, K and V are loaded through tensor descriptors made on
+the device, so the TMA engine issues the pipelined K/V prefetch; they need global scratch at launch,
+from a torch allocator the launcher installs with `triton.set_allocator` when none is set.
 
 What it does not do: float64 (the backend refuses it), dropout, bias, sliding windows, or any
 autotuning: configs are fixed per head dim and dtype width (`fwd_config`) so the ahead-of-time compile in
@@ -159,7 +162,7 @@ def _attn_fwd_kernel(
     seqlen_q, seqlen_k, num_heads, group, num_seqs, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, RESUME: tl.constexpr,
-    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     # qk_scale = softmax_scale * log2(e): scores live in log2 units until the epilogue.
     tile = tl.program_id(0)
@@ -190,13 +193,28 @@ def _attn_fwd_kernel(
     m_ok = offs_m < q_len
     d_ok = offs_d < HEAD_DIM
     b64 = b.to(tl.int64)
-    q_rows = (q_start + offs_m).to(tl.int64)
-    q_ptrs = Q + b64 * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
     k_base = K + b64 * stride_kb + kvh * stride_kh
     v_base = V + b64 * stride_vb + kvh * stride_vh
+    if TMA:
+        # Tensor descriptors (TMA on sm_90) over this (sequence, head)'s rows: the copy engine fetches
+        # whole tiles into shared memory and fills rows past the sequence end with zeros, as the masked
+        # loads do. Made on the device, so each program writes its descriptors to global scratch
+        # (the launcher provides an allocator). The launcher takes this path only when HEAD_DIM ==
+        # BLOCK_D and every base offset and row stride is a multiple of 16 bytes (`_tma_eligible`).
+        q_desc = tl.make_tensor_descriptor(Q + b64 * stride_qb + h * stride_qh + tl.cast(q_start, tl.int64) * stride_qs,
+                                           shape=[q_len, HEAD_DIM], strides=[stride_qs, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        k_desc = tl.make_tensor_descriptor(k_base + tl.cast(k_start, tl.int64) * stride_ks, shape=[k_len, HEAD_DIM],
+                                           strides=[stride_ks, 1], block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base + tl.cast(k_start, tl.int64) * stride_vs, shape=[k_len, HEAD_DIM],
+                                           strides=[stride_vs, 1], block_shape=[BLOCK_N, BLOCK_D])
+        q = q_desc.load([block * BLOCK_M, 0])
+    else:
+        q_rows = (q_start + offs_m).to(tl.int64)
+        q_ptrs = Q + b64 * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -216,13 +234,17 @@ def _attn_fwd_kernel(
         hi_n = full + masked * (hi - full)
         for start_n in range(lo_n, hi_n, BLOCK_N):
             offs_n = start_n + offs_n0
-            kv_rows = (k_start + offs_n).to(tl.int64)
-            if masked:
-                kv_mask = (offs_n < k_len)[:, None] & d_ok[None, :]
+            if TMA:
+                k = k_desc.load([start_n, 0])
+                v = v_desc.load([start_n, 0])
             else:
-                kv_mask = d_ok[None, :]
-            k = tl.load(k_base + kv_rows[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_base + kv_rows[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+                kv_rows = (k_start + offs_n).to(tl.int64)
+                if masked:
+                    kv_mask = (offs_n < k_len)[:, None] & d_ok[None, :]
+                else:
+                    kv_mask = d_ok[None, :]
+                k = tl.load(k_base + kv_rows[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+                v = tl.load(v_base + kv_rows[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
             if DOT_F32:
                 k = k.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -296,9 +318,15 @@ def fwd_config(head_dim: int, interpreted: bool, fp32: bool = False, arch: int =
     long), and sequences of 33-70 rows still cross several tiles (partial tiles, the causal diagonal,
     the unmasked fast path). GPU tiles are the largest found that do not spill in any variant
     (`scripts/aot_triton.py --variants`), with 3 stages so the loads of the next K/V tiles are in
-    flight while the current ones are multiplied: on sm_90, 128x128 tiles at D = 64 (174 registers)
-    and 128x64 at D = 128 (244); on sm_80 mma.sync needs more registers, so D = 128 takes 128x32
+    flight while the current ones are multiplied: on sm_90, 128x128 tiles at D = 64 (158 registers)
+    and 128x64 at D = 128 (221); on sm_80 mma.sync needs more registers, so D = 128 takes 128x32
     (128x64 spilled there). float32 inputs (tests, the 1e-5 contract) need smaller tiles.
+
+    "TMA": True (sm_90, 16-bit inputs) loads Q, K and V through tensor descriptors, so the 3-stage
+    K/V prefetch is issued by the TMA copy engine (`cp.async.bulk.tensor`) instead of by every thread;
+    the launcher still falls back to plain pointers where a descriptor is not allowed
+    (`_tma_eligible`). The output stays on pointers: a TMA store would stage the float32 128xD tile
+    in shared memory (64 KiB at D = 128) on top of the K/V stages.
     """
     if interpreted:
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 1, "num_stages": 1}
@@ -307,8 +335,8 @@ def fwd_config(head_dim: int, interpreted: bool, fp32: bool = False, arch: int =
         return {"BLOCK_M": 64, "BLOCK_N": 64 if small_d else 32, "num_warps": 8, "num_stages": 2}
     if arch == 90:
         if small_d:
-            return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+            return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "TMA": True}
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "TMA": True}
     if small_d:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     return {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
@@ -358,6 +386,9 @@ def _launch_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, ca
         tile_seq = tile_block = cu_q = cu_k = torch.zeros(1, dtype=torch.int32, device=q.device)
     if grid0 == 0 or batch * num_heads == 0:
         return
+    tma = _tma_eligible(cfg, head_dim, q, k, v)
+    if tma and not interpreted:
+        _ensure_scratch_allocator()
     runner(_attn_fwd_kernel, q.device)[(grid0, batch * num_heads)](
         q, nonempty(k), nonempty(v), out, lse, cu_q, cu_k, tile_seq, tile_block,
         q.stride(0), q.stride(1), q.stride(2),
@@ -367,9 +398,40 @@ def _launch_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, ca
         float(softmax_scale) * LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         CAUSAL=bool(causal), VARLEN=varlen, RESUME=bool(resume),
-        **dot_options(q.dtype, interpreted),
+        **dot_options(q.dtype, interpreted), TMA=tma,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+
+
+def _tma_eligible(cfg: dict, head_dim: int, *tensors: torch.Tensor) -> bool:
+    """Whether this launch may load through tensor descriptors: the config asks for it (sm_90, 16-bit),
+    the head dim is a power of two (no padded columns), K/V are not empty, and what TMA requires of
+    each (sequence, head) view holds for every tensor: a 16-byte aligned base and row, head and batch
+    strides that are multiples of 16 bytes (so every base offset the kernel forms is aligned too)."""
+    if not cfg.get("TMA", False) or head_dim != block_d(head_dim):
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.numel() == 0 or t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    """Global-memory scratch for a launch, from torch's caching allocator (on the current device,
+    which the launch's device guard set; its allocations are aligned far beyond the 128 bytes a
+    tensor descriptor needs)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_scratch_allocator() -> None:
+    """Descriptors made on the device (`tl.make_tensor_descriptor`) live in per-program global scratch,
+    which triton asks of the allocator set with `triton.set_allocator` at each launch (none is set by
+    default: the launch would raise). Installs `_torch_scratch` unless the caller already set one."""
+    from triton.runtime import _allocation
+
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        triton.set_allocator(_torch_scratch)
 
 
 def aot_specs(dtype: str, head_dim: int, all_variants: bool = False, arch: int = 90):
@@ -389,7 +451,8 @@ def aot_specs(dtype: str, head_dim: int, all_variants: bool = False, arch: int =
     for causal, varlen, resume in variant_flags(all_variants):
         constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim), "BLOCK_M": cfg["BLOCK_M"],
                       "BLOCK_N": cfg["BLOCK_N"], "CAUSAL": causal, "VARLEN": varlen, "RESUME": resume,
-                      "DOT_F32": False, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+                      "DOT_F32": False, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+                      "TMA": bool(cfg.get("TMA", False)) and head_dim == block_d(head_dim)}
         name = variant_name("attn_fwd", (causal, varlen, resume), ("full", "dense", "write"))
         specs.append((name, kernel, types, constexprs, options))
     return specs
