@@ -649,4 +649,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    elastic.leave_process(main())
