@@ -435,4 +435,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from longvila_engine import elastic
+
+    elastic.leave_process(main())
