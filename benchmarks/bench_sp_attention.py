@@ -58,12 +58,16 @@ COLUMNS = [("layout", "case", ""), ("algo", "config.algorithm", ""), ("step ms",
 PEERS = ("ring_flash_attn", "torch_ring")
 
 
-def peer_steps(q, k, v, dout, groups, device):
-    """{peer name: fwd+bwd closure on the same zigzag shards (B, S, H, D)}, {peer: why it is missing}."""
-    steps, missing = {}, {}
+def peer_steps(q, k, v, dout, groups, device, reference):
+    """{peer name: fwd+bwd closure on the same zigzag shards (B, S, H, D)}, {peer: why it is missing},
+    {peer: max |its output - `reference`|} (the engine's output on these shards: same problem solved)."""
+    steps, missing, diffs = {}, {}, {}
+    attns = {}
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
 
-    def closure(attn):
+    def closure(name, attn):
+        attns[name] = attn
+
         def step():
             for t in leaves:
                 t.grad = None
@@ -76,23 +80,26 @@ def peer_steps(q, k, v, dout, groups, device):
         import ringflash_shim
 
         rfa = ringflash_shim.import_ring_flash_attn()
-        steps["ring_flash_attn"] = closure(
-            lambda q_, k_, v_: rfa.zigzag_ring_flash_attn_func(q_, k_, v_, causal=True, group=groups.ring))
+        steps["ring_flash_attn"] = closure("ring_flash_attn", lambda q_, k_, v_: rfa.zigzag_ring_flash_attn_func(
+            q_, k_, v_, causal=True, group=groups.ring))
     except Exception as e:  # a peer that is not there must not stop the engine's figures
         missing["ring_flash_attn"] = f"{type(e).__name__}: {str(e)[:160]}"
     try:
         from bench_strategies import torch_ring_attention
 
-        steps["torch_ring"] = closure(lambda q_, k_, v_: torch_ring_attention(q_, k_, v_, groups.ring, "alltoall"))
+        steps["torch_ring"] = closure(
+            "torch_ring", lambda q_, k_, v_: torch_ring_attention(q_, k_, v_, groups.ring, "alltoall"))
     except Exception as e:
         missing["torch_ring"] = f"{type(e).__name__}: {str(e)[:160]}"
     for name in list(steps):  # one untimed call each: a peer that fails here is reported, not timed
         try:
+            with torch.no_grad():
+                diffs[name] = float((attns[name](*leaves).float() - reference.float()).abs().max())
             steps[name]()
         except Exception as e:
             missing[name] = f"{type(e).__name__}: {str(e)[:160]}"
             del steps[name]
-    return steps, missing
+    return steps, missing, diffs
 
 
 def layouts(world: int):
@@ -225,9 +232,12 @@ def bench_layout(name, layout, algorithm, size, backend, device, peers=True):
     twin = compute_only_fn(q, k, v, dout, groups, algorithm, backend)
     step()  # first-use costs of the groups, before the counters start
     twin()
-    peer_fns, peer_missing = {}, {}
+    peer_fns, peer_missing, peer_diffs = {}, {}, {}
     if peers and algorithm == "ring" and layout.ulysses == 1:
-        peer_fns, peer_missing = peer_steps(q, k, v, dout, groups, device)
+        with torch.no_grad():
+            reference = sequence_parallel_attention(q, k, v, groups, causal=True, backend=backend,
+                                                    algorithm=algorithm)
+        peer_fns, peer_missing, peer_diffs = peer_steps(q, k, v, dout, groups, device, reference)
         peer_missing = {n: why for n, why in peer_missing.items() if n not in peer_fns}
         # Ranks must agree on the set of peers (each is a collective loop): keep those all ranks have.
         names = [None] * groups.world_size
@@ -247,7 +257,8 @@ def bench_layout(name, layout, algorithm, size, backend, device, peers=True):
                 for axis, st in stats.items()}
     return {"times": times, "compute_only": twin_times, "per_step": per_step,
             "link": {axis: s["link"] for axis, s in stats.items()},
-            "peers": dict(zip(peer_fns, peer_times)), "peers_missing": peer_missing}
+            "peers": dict(zip(peer_fns, peer_times)), "peers_missing": peer_missing,
+            "peers_max_abs_diff": peer_diffs}
 
 
 def report(name, layout, algorithm, size, backend, per_rank, results):
@@ -271,7 +282,8 @@ def report(name, layout, algorithm, size, backend, per_rank, results):
     peers = {}
     for peer in per_rank[0]["peers"]:
         t = harness.Timing([max(ts) for ts in zip(*(r["peers"][peer] for r in per_rank))])
-        peers[peer] = {**t.summary_ms(), "ratio": step.median / t.median}
+        diff = max(r["peers_max_abs_diff"].get(peer, 0.0) for r in per_rank)
+        peers[peer] = {**t.summary_ms(), "ratio": step.median / t.median, "max_abs_diff": diff}
     if peers or per_rank[0]["peers_missing"]:
         record["peers"] = peers
         record["peers_missing"] = per_rank[0]["peers_missing"]
@@ -308,7 +320,8 @@ def run_rank(args):
                       f"(reported, not asserted)")
             for peer, p in r.get("peers", {}).items():
                 print(f"peer {peer} on {r['case']}: {p['median_ms']:.1f} ms (min {p['min_ms']:.1f}, max "
-                      f"{p['max_ms']:.1f}); engine / {peer} = {p['ratio']:.3f} (goal <= 0.9 of the faster peer)")
+                      f"{p['max_ms']:.1f}); engine / {peer} = {p['ratio']:.3f} (goal <= 0.9 of the faster peer); "
+                      f"max |output - engine's| {p['max_abs_diff']:.1e}")
             for peer, why in r.get("peers_missing", {}).items():
                 print(f"peer {peer} on {r['case']}: not measured ({why})")
         print(f"results appended to {results.path}")

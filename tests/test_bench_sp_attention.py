@@ -29,8 +29,8 @@ def test_smoke_run_times_the_peers(tmp_path):
     peers = ring[0]["peers"]
     want = {"torch_ring", "ring_flash_attn"} if HAS_RFA else {"torch_ring"}
     assert want <= set(peers), (peers, ring[0].get("peers_missing"))
-    for p in peers.values():
-        assert p["median_ms"] > 0 and p["ratio"] > 0
+    for p in peers.values():  # timed on the same problem: outputs agree with the engine's (fp32)
+        assert p["median_ms"] > 0 and p["ratio"] > 0 and p["max_abs_diff"] < 1e-4
     assert "engine / torch_ring" in proc.stdout
 
 
