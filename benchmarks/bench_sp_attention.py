@@ -174,13 +174,21 @@ def compute_only_fn(q, k, v, dout, groups, algorithm, backend):
         out_parts = [o.to(q.dtype) for o in outs]
         dout_parts = split_chunks(doutf, q_chunks)
         dqs = [torch.zeros(p.shape, dtype=acc, device=q.device) for p in q_parts]
-        dk_acc = dv_acc = None
-        for blocks in steps:
-            dk_step, dv_step = torch.zeros_like(kf, dtype=acc), torch.zeros_like(vf, dtype=acc)
-            backward_blocks(dout_parts, q_parts, kf, vf, out_parts, lses, blocks, dqs, dk_step, dv_step,
+        # As ring.py: step 0 computes into the accumulators, later steps into one reused, zeroed pair.
+        dk_acc, dv_acc = torch.zeros_like(kf, dtype=acc), torch.zeros_like(vf, dtype=acc)
+        dk_step = dv_step = None
+        for i, blocks in enumerate(steps):
+            if i == 1:
+                dk_step, dv_step = torch.zeros_like(kf, dtype=acc), torch.zeros_like(vf, dtype=acc)
+            elif i > 1:
+                dk_step.zero_()
+                dv_step.zero_()
+            backward_blocks(dout_parts, q_parts, kf, vf, out_parts, lses, blocks, dqs,
+                            dk_acc if i == 0 else dk_step, dv_acc if i == 0 else dv_step,
                             softmax_scale=None, backend=backend)
-            dk_acc = dk_step if dk_acc is None else dk_acc.add_(dk_step)
-            dv_acc = dv_step if dv_acc is None else dv_acc.add_(dv_step)
+            if i > 0:
+                dk_acc.add_(dk_step)
+                dv_acc.add_(dv_step)
         torch.cat(dqs, dim=1).to(q.dtype)
     return run
 
