@@ -23,9 +23,11 @@ import sys
 import tempfile
 import time
 
-# Same reasoning as tests/test_vlm_train.py: round-off only at first (seen <= 4e-7), amplified by AdamW
-# later (seen <= 3e-4), far below a wrong shard or a lost gradient (> 1e-2 from step 1).
-EARLY_STEPS, EARLY_RTOL, LOSS_RTOL = 5, 1e-5, 2e-3
+# Same hyper-parameters and tolerance as tests/test_vlm_train.py (its docstring has the measurements):
+# at lr 2e-3 the two layouts differ by float32 summation order only, <= 2.2e-7 relative over 30 steps,
+# like a 1-ulp perturbation of the initial weights; a wrong shard or a lost gradient is > 1e-2 from
+# step 1. (At lr 3e-3 the toy run is at the edge of stability and AdamW grows round-off to ~1e-5.)
+RTOL, GRAD_RTOL = 1e-5, 1e-4  # loss at every step; grad norm (a derivative more sensitive; seen <= 6.9e-6)
 SHOWN = (1, 2, 5, 10, 15, 20, 25, 30)
 
 
@@ -34,7 +36,9 @@ def _run(nproc: int, layout: list[str], common: list[str], log: str, port: int) 
            str(port), "-m", "longvila_engine.train", "--task", "vlm", *common, *layout, "--log-json", log]
     print("$ " + " ".join(cmd[1:]).replace(os.path.dirname(common[1]), "<assets>"), flush=True)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.setdefault("MKL_CBWR", "AUTO,STRICT")  # MKL sgemm results independent of buffer alignment
+    subprocess.run(cmd, check=True, env=env)
     return time.perf_counter() - t0
 
 
@@ -52,7 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--num-frames", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--port", type=int, default=29700)
     ap.add_argument("--keep", default=None, help="write the assets and logs here instead of a temporary folder")
     args = ap.parse_args(argv)
@@ -89,12 +93,11 @@ def main(argv=None) -> int:
     print(f"  stage 2, all-to-all-v of visual tokens, KiB sent per rank (fwd + bwd): {_kb(first['stage2_bytes'])}")
     print(f"  attention, KiB sent per rank: ring {_kb(first['ring_bytes'])}, ulysses {_kb(first['ulysses_bytes'])}")
     print("\n step | frames per rank | loss, 4 ranks (2D) | loss, 1 process | rel. diff")
-    worst_early = worst = 0.0
+    worst = worst_norm = 0.0
     for p, s in zip(parallel, single):
         rel = abs(p["loss"] - s["loss"]) / max(abs(s["loss"]), 1e-12)
         worst = max(worst, rel)
-        if p["step"] <= EARLY_STEPS:
-            worst_early = max(worst_early, rel)
+        worst_norm = max(worst_norm, abs(p["grad_norm"] - s["grad_norm"]) / max(abs(s["grad_norm"]), 1e-12))
         if p["step"] in SHOWN or p["step"] == args.steps:
             frames = str(p["per_rank"]["stage1_frames"])
             print(f" {p['step']:4d} | {frames:>15} | {p['loss']:18.6f} | {s['loss']:15.6f} | {rel:.1e}")
@@ -103,14 +106,14 @@ def main(argv=None) -> int:
         vals = sorted(r[key] for r in rows[1:] or rows)
         return vals[len(vals) // 2]
 
-    print(f"\nlargest relative loss difference: steps 1-{EARLY_STEPS} {worst_early:.1e} (tolerance {EARLY_RTOL:.0e}), "
-          f"all steps {worst:.1e} (tolerance {LOSS_RTOL:.0e})")
+    print(f"\nlargest relative difference over {len(single)} steps: loss {worst:.1e}, grad norm {worst_norm:.1e} "
+          f"(tolerances {RTOL:.0e} and {GRAD_RTOL:.0e}: float32 round-off)")
     print(f"loss {single[0]['loss']:.3f} -> {single[-1]['loss']:.3f} over {args.steps} steps")
     print(f"median tokens/s: 4 ranks {median(parallel, 'tokens_per_s'):.0f}, 1 process "
           f"{median(single, 'tokens_per_s'):.0f}; frames/s {median(parallel, 'frames_per_s'):.0f} and "
           f"{median(single, 'frames_per_s'):.0f}; wall {t_par:.0f} s and {t_one:.0f} s with start-up "
           f"(2 shared CPU cores: a correctness demo, not a speed claim)")
-    if worst_early > EARLY_RTOL or worst > LOSS_RTOL or not single[-1]["loss"] < single[0]["loss"]:
+    if worst > RTOL or worst_norm > GRAD_RTOL or not single[-1]["loss"] < single[0]["loss"]:
         print("FAILED: the MM-SP run does not reproduce the single-process losses (or the loss did not fall)")
         return 1
     print("OK: multimodal MM-SP on 4 ranks reproduces the single-process loss curve")
