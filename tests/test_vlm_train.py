@@ -30,6 +30,7 @@ lr 3e-3; neither this code nor commit 6bb0e69 reproduces more than 2.2e-6 on the
 | 2e-3 | 9.3e-08 / 2.2e-07 | 3.4e-07 .. 4.1e-07 | 5.88 -> 1.41 |
 | 1e-3 | 1.3e-07 / 1.4e-07 | 1.5e-07 .. 2.2e-07 | 5.88 -> 2.88 (falls too little) |
 
+The table is without MKL_CBWR; with it, lr 2e-3 gives 1.7e-7 (grad norm 1.2e-6), as `make demo` shows.
 At lr 2e-3 nothing grows: 30 steps agree like the text trainer's (~2e-7), 40x inside RTOL = 1e-5,
 also on assets built with other seeds (build_assets(seed=1), seed=2: 2.5e-7 and 1.3e-7; at 3e-3:
 3.4e-7 and 9.2e-7), while a wrong shard, lost padding or a lost gradient moves the loss by > 1e-2
