@@ -43,6 +43,12 @@ class SiglipTower(nn.Module):
         if getattr(cfg, "attention_dropout", 0.0):
             cfg.attention_dropout = 0.0  # dropout would make ranks differ from one process
         model = SiglipVisionModel.from_pretrained(path, config=cfg, local_files_only=True, dtype=dtype)
+        for module in model.modules():
+            if getattr(module, "use_head", False) and isinstance(getattr(module, "head", None), nn.Module):
+                # The attention-pooling head makes the pooled output, which a VLM never reads (LLaVA/VILA
+                # drop it too): it would cost compute and hold trainable parameters without a gradient.
+                del module.head
+                module.use_head = False
         # Our own attention path is not needed here (frames never mix), but eager keeps float64 tests exact.
         return cls(model, feature_layer)
 
