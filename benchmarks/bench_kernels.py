@@ -43,7 +43,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BACKENDS = ("sdpa", "cpu", "reference")  # sdpa first: the others are compared with its time and output
 # The configuration the target lines are read at (torch SDPA at 1x8x4096x64, docs/design.md section 13).
 TARGET = {"seq_len": 4096, "dtype": "fp32", "head_dim": 64}
-FWD_BWD_TARGET = 1.25
+FWD_BWD_TARGET = 0.8  # issue #13: at most 0.8x torch's CPU flash attention (was 1.25)
 RESUME_TARGET = 1.0
 
 SIZES = {
