@@ -16,7 +16,7 @@ What it models:
 - Ulysses all-to-all and tensor-parallel all-reduces as exposed (not overlapped) time;
 - memory: FSDP2-sharded float32 weights and AdamW state, the activations the engine saves and the
   step's largest temporaries, by the dry run's categories (`memory_breakdown`, held against
-  longvila_engine/dryrun.py in tests/test_costmodel.py).
+  longvila_engine/dryrun/ in tests/test_costmodel.py).
 
 What it does not model: pipeline parallelism, data-parallel gradient reduction (overlapped and the
 same for every layout), kernel launch gaps outside the ring, stragglers, or congestion between
@@ -287,7 +287,7 @@ def activation_bytes_per_token(model: Model, dtype_bytes: int = 2, ulysses: int 
     """Bytes of activations one decoder layer keeps for backward per local token (no checkpointing).
 
     What autograd keeps in one `models.Transformer` layer, checked against the dry run
-    (longvila_engine/dryrun.py, tests/test_costmodel.py): the attention-norm input and output, q/k/v in
+    (longvila_engine/dryrun/, tests/test_costmodel.py): the attention-norm input and output, q/k/v in
     the ring layout (K/V at max(H_kv, U) heads per token: replicated when U > H_kv), the attention output
     and its float32 log-sum-exp, the O-projection input, the MLP-norm input and output, gate, up,
     silu(gate) and their product. RMSNorm keeps its input and a float32 rstd (CUDA's fused kernel); the

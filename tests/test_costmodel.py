@@ -4,7 +4,7 @@
   (the trainer's step through dryrun.build_state / run_step, FSDP2, fp32) on 4 gloo ranks, per axis,
   for ring 4, Ulysses 4 (U > H_kv: K/V replicated), ring 2 x Ulysses 2 and tp 2 x ring 2. Exact: both
   count the same collectives with the same volume rules.
-- Memory: `memory_breakdown` against the dry run (longvila_engine/dryrun.py, depth-extrapolated) of
+- Memory: `memory_breakdown` against the dry run (longvila_engine/dryrun/, depth-extrapolated) of
   two preset configurations: total within 10%, activations within 10%.
 """
 import os

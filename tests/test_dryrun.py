@@ -1,4 +1,4 @@
-"""The scale dry run (longvila_engine/dryrun.py): the trainer's step as one rank of a fake world.
+"""The scale dry run (longvila_engine/dryrun/): the trainer's step as one rank of a fake world.
 
 - tiny model at world 8 and 64 (what `make test` runs): the step completes without data, every
   attention call goes to one backend, attention FLOPs equal the ops.flops rule exactly, the sharded
