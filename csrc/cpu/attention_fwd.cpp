@@ -35,7 +35,7 @@ namespace {
 
 // 96 query rows = 16 micro-kernel strips of 6; 128 keys amortise the P*V accumulator traffic.
 // A thread's working set (Q, S, O tiles and one packed K^T/V block) stays within L2 for D <= 128.
-constexpr int64_t kBlockQ = 96;
+constexpr int64_t kBlockQ = 192;
 constexpr int64_t kBlockK = 128;
 
 struct FwdItem {
@@ -112,8 +112,9 @@ void attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<T> q_buf(kBlockQ * D), s_buf(kBlockQ * kBlockK), o_buf(kBlockQ * Dp), m_run(kBlockQ),
-        l_run(kBlockQ);
+    std::vector<T> q_buf(kBlockQ * D), s_buf(kBlockQ * kBlockK), o_buf(kBlockQ * Dp), m_run(kBlockQ);
+    // Row sums of P kept lane-wise and reduced once per row at the end (l = hsum(l_vec)).
+    std::vector<Vec<T>> l_vec(kBlockQ);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < n_items; ++it) {
       const FwdItem& item = items[it];
@@ -126,7 +127,7 @@ void attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       const char* q_src = q_ptr + ((sg.b * Sq + sg.q0 + rs) * H + h) * D * es;
       pack_rows(q_buf.data(), D, q_src, H * D * es, st, qc, D);
       std::fill(m_run.begin(), m_run.begin() + qc, -std::numeric_limits<T>::infinity());
-      std::fill(l_run.begin(), l_run.begin() + qc, T(0));
+      std::fill(l_vec.begin(), l_vec.begin() + qc, Vec<T>{});
       std::fill(o_buf.begin(), o_buf.begin() + qc * Dp, T(0));
 
       for (int64_t j = 0; j < item.cost; ++j) {
@@ -145,14 +146,17 @@ void attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
             continue;
           }
           const T m_new = std::max(m_run[r], row_max_scaled<T>(row, nv, scale2));
-          const T alpha = std::exp2(m_run[r] - m_new);  // 0 on the first visible block (m = -inf)
-          const T sum = row_exp2<T>(row, nv, round_up(kv, W), scale2, m_new);
-          l_run[r] = l_run[r] * alpha + sum;
-          m_run[r] = m_new;
-          if (alpha != T(1)) {
+          if (m_new != m_run[r]) {
+            // 0 on the first visible block (m = -inf); most later blocks leave the max unchanged and
+            // skip the rescale of the row's sum and output.
+            const T alpha = std::exp2(m_run[r] - m_new);
+            m_run[r] = m_new;
+            l_vec[r] *= splat(alpha);
+            const Vec<T> va = splat(alpha);
             T* o = o_buf.data() + r * Dp;
-            for (int64_t d = 0; d < Dp; ++d) o[d] *= alpha;
+            for (int64_t d = 0; d < Dp; d += W) storeu(o + d, loadu(o + d) * va);
           }
+          l_vec[r] += row_exp2<T>(row, nv, round_up(kv, W), scale2, m_new);
         }
         gemm_tile<T>(qc, Dp, kv, s_buf.data(), kBlockK, 1, vb, Dp, o_buf.data(), Dp, true);
       }
@@ -162,10 +166,11 @@ void attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
         T* o = out_ptr + ((sg.b * Sq + row) * H + h) * D;
         T* ls = lse_ptr + (sg.b * H + h) * Sq + row;
         const T* ob = o_buf.data() + r * Dp;
-        const bool seen = l_run[r] > T(0);
-        const T lse_b = seen ? (m_run[r] + std::log2(l_run[r])) * static_cast<T>(kLn2)
+        const T l_run = hsum<T>(l_vec[r]);
+        const bool seen = l_run > T(0);
+        const T lse_b = seen ? (m_run[r] + std::log2(l_run)) * static_cast<T>(kLn2)
                              : -std::numeric_limits<T>::infinity();
-        const T inv = seen ? T(1) / l_run[r] : T(0);
+        const T inv = seen ? T(1) / l_run : T(0);
         if (!resume) {
           for (int64_t d = 0; d < D; ++d) o[d] = ob[d] * inv;
           *ls = lse_b;
