@@ -19,11 +19,24 @@ templated ring attention (bench_strategies.torch_ring_attention, rotating K/V by
 Their medians and the engine's time ratio to each are printed and stored in that layout's line; a peer
 that cannot be imported or run is named with the reason and left out (`--no-peers` skips them).
 
+Issue #13's target, "ring (and 2D) attention forward+backward at most 0.9x the faster of ring-flash-attn
+and PyTorch's ring": every layout's line also stores `ratio_to_faster_peer`, its step time over the
+median of the faster peer as timed on the ring layout in the same run at the same S and dtype. The peers
+solve the same global problem (causal attention over the same global sequence, heads and head dim) on
+the same W ranks, so the ratio compares two ways of doing one job; for the ring row the repeats are
+interleaved with the peers', for the others (the 2D row ring=W/2 x ulysses=2 among them) they ran just
+before or after, in the same process. A status line per layout prints it against <= 0.9. On 2 ranks the
+2D layout would be ring1 x ulysses2, which is the Ulysses row.
+
+`--seq-lens 4096,16384` measures several global S in one launch: each S is its own set of layout lines
+with its own peer timings. `--dtype bf16` feeds bf16 shards to the engine and the peers (torch's CPU
+flash op under both peers takes bf16); a peer that fails on them is reported as not measured, with why.
+
 Every layout appends one JSON line to benchmarks/results/bench_sp_attention.jsonl (benchmarks/harness.py)
 and rank 0 prints the table.
 
 Launch:
-    torchrun --nproc-per-node 4 benchmarks/bench_sp_attention.py [--smoke] [--seq-len 8192]
+    torchrun --nproc-per-node 4 benchmarks/bench_sp_attention.py [--smoke] [--seq-lens 4096,16384] [--dtype bf16]
     python benchmarks/bench_sp_attention.py --smoke      # no torchrun: spawns --world gloo ranks itself
 On GPUs (NCCL) each rank uses cuda:LOCAL_RANK; there wait times only measure the host side of an
 asynchronous wait, so the wait/compute split is a CPU (gloo) figure.
@@ -50,11 +63,13 @@ SIZES = {
     "smoke": dict(seq_len=512, num_heads=8, num_kv_heads=4, head_dim=32, batch=1, warmup=1, repeats=3),
     "full": dict(seq_len=8192, num_heads=8, num_kv_heads=8, head_dim=64, batch=1, warmup=2, repeats=5),
 }
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PEER_TARGET = 0.9  # issue #13: at most 0.9x the faster peer's fwd+bwd
 COLUMNS = [("layout", "case", ""), ("algo", "config.algorithm", ""), ("step ms", "median_ms", ".1f"),
            ("min", "min_ms", ".1f"), ("max", "max_ms", ".1f"), ("tok/s", "tokens_per_s", ".0f"),
            ("ring MB", "ring_mb", ".3f"), ("ulysses MB", "ulysses_mb", ".3f"), ("wait ms", "wait_ms", ".1f"),
            ("compute ms", "compute_ms", ".1f"), ("compute-only ms", "compute_only_ms", ".1f"),
-           ("overlap", "overlap_ratio", ".3f")]
+           ("overlap", "overlap_ratio", ".3f"), ("/peer", "ratio_to_faster_peer", ".3f")]
 PEERS = ("ring_flash_attn", "torch_ring")
 
 
@@ -113,16 +128,16 @@ def layouts(world: int):
     return out
 
 
-def usable_backend(requested: str, device) -> tuple[str, str | None]:
+def usable_backend(requested: str, device, dtype=torch.float32) -> tuple[str, str | None]:
     """(`requested`, None) once a tiny forward+backward ran on it; raises with the reason otherwise."""
     from longvila_engine.ops import available_backends, block_attention, block_attention_backward
 
-    q = torch.randn(1, 4, 2, 8, device=device)
+    q = torch.randn(1, 4, 2, 8, device=device).to(dtype)
     try:
         out, lse = block_attention(q, q, q, causal=True, backend=requested)
         block_attention_backward(q, q, q, q, out, lse, causal=True, backend=requested)
     except Exception as e:
-        raise RuntimeError(f"backend={requested!r} cannot run a tiny forward+backward on {device} ({e}); pass "
+        raise RuntimeError(f"backend={requested!r} cannot run a tiny {dtype} forward+backward on {device} ({e}); pass "
                            f"--backend with one of {available_backends(device)}") from e
     return requested, None
 
@@ -226,8 +241,9 @@ def bench_layout(name, layout, algorithm, size, backend, device, peers=True):
     g = torch.Generator().manual_seed(1234 + groups.rank)
     shape_q = (size["batch"], S, size["num_heads"], size["head_dim"])
     shape_kv = (size["batch"], S, size["num_kv_heads"], size["head_dim"])
-    q, dout = (torch.randn(shape_q, generator=g).to(device) for _ in range(2))
-    k, v = (torch.randn(shape_kv, generator=g).to(device) for _ in range(2))
+    dtype = DTYPES[size.get("dtype", "fp32")]
+    q, dout = (torch.randn(shape_q, generator=g).to(device, dtype) for _ in range(2))
+    k, v = (torch.randn(shape_kv, generator=g).to(device, dtype) for _ in range(2))
     for t in (q, k, v):
         t.requires_grad_()
 
@@ -269,8 +285,19 @@ def bench_layout(name, layout, algorithm, size, backend, device, peers=True):
             "peers_max_abs_diff": peer_diffs}
 
 
-def report(name, layout, algorithm, size, backend, per_rank, results):
-    """Rank 0: fold the ranks' figures into one results line."""
+def faster_peer(record):
+    """(name, median ms) of the faster peer timed in this layout's line, or None."""
+    peers = record.get("peers") or {}
+    if not peers:
+        return None
+    name = min(peers, key=lambda n: peers[n]["median_ms"])
+    return name, peers[name]["median_ms"]
+
+
+def report(name, layout, algorithm, size, backend, per_rank, results, peer_ref=None):
+    """Rank 0: fold the ranks' figures into one results line. `peer_ref` ((name, median ms) of the faster
+    peer timed on the ring layout at this S) gives the line's ratio to it; a line with its own peers
+    uses those."""
     world = len(per_rank)
     step = harness.Timing([max(ts) for ts in zip(*(r["times"] for r in per_rank))])
     compute_only = harness.median([max(ts) for ts in zip(*(r["compute_only"] for r in per_rank))])
@@ -295,6 +322,10 @@ def report(name, layout, algorithm, size, backend, per_rank, results):
     if peers or per_rank[0]["peers_missing"]:
         record["peers"] = peers
         record["peers_missing"] = per_rank[0]["peers_missing"]
+    ref = faster_peer(record) or peer_ref
+    if ref is not None:
+        record["faster_peer"] = {"name": ref[0], "median_ms": ref[1], "same_repeats": ref is not peer_ref}
+        record["ratio_to_faster_peer"] = record["median_ms"] / ref[1]
     return results.append(record) if results is not None else record
 
 
@@ -302,43 +333,66 @@ def run_rank(args):
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if dist.get_backend() == "nccl" \
         else torch.device("cpu")
-    size = dict(SIZES["smoke" if args.smoke else "full"])
-    if args.seq_len:
-        size["seq_len"] = args.seq_len
-    backend, _ = usable_backend(args.backend, device)
+    base = dict(SIZES["smoke" if args.smoke else "full"], dtype=args.dtype)
+    seq_lens = args.seq_lens or ([args.seq_len] if args.seq_len else [base["seq_len"]])
+    backend, _ = usable_backend(args.backend, device, DTYPES[args.dtype])
     results = harness.ResultsFile(NAME, results_dir=args.results_dir, device=device) if rank == 0 else None
-    rows = []
-    for name, layout, algorithm in layouts(world):
-        if size["num_heads"] % layout.ulysses:
-            continue
-        per_rank = [None] * world
-        dist.all_gather_object(per_rank, bench_layout(name, layout, algorithm, size, backend, device,
-                                                      peers=not args.no_peers))
+    for seq_len in seq_lens:
+        size = dict(base, seq_len=seq_len)
+        rows, peer_ref = [], None
+        for name, layout, algorithm in layouts(world):  # the ring layout first: its peers serve the rest
+            if size["num_heads"] % layout.ulysses:
+                continue
+            per_rank = [None] * world
+            dist.all_gather_object(per_rank, bench_layout(name, layout, algorithm, size, backend, device,
+                                                          peers=not args.no_peers))
+            if rank == 0:
+                rows.append(report(name, layout, algorithm, size, backend, per_rank, results, peer_ref))
+                if peer_ref is None:
+                    peer_ref = faster_peer(rows[-1])
         if rank == 0:
-            rows.append(report(name, layout, algorithm, size, backend, per_rank, results))
+            print_status(rows, size, world, device, backend, peers=not args.no_peers)
     if rank == 0:
-        title = (f"sequence-parallel attention, fwd+bwd, causal zigzag: S={size['seq_len']} "
-                 f"H={size['num_heads']} H_kv={size['num_kv_heads']} D={size['head_dim']} on {world} "
-                 f"{device.type} ranks, backend={backend}")
-        harness.print_table(rows, COLUMNS, title=title)
-        for r in rows:
-            if r["config"]["algorithm"] == "ring" and r["config"]["ulysses"] == 1:
-                verdict = "meets" if r["overlap_ratio"] <= 1.10 else "misses"
-                print(f"overlap goal (ring, <= 1.10 on 4 CPU ranks): {r['overlap_ratio']:.3f} {verdict} it "
-                      f"(reported, not asserted)")
-            for peer, p in r.get("peers", {}).items():
-                print(f"peer {peer} on {r['case']}: {p['median_ms']:.1f} ms (min {p['min_ms']:.1f}, max "
-                      f"{p['max_ms']:.1f}); engine / {peer} = {p['ratio']:.3f} (goal <= 0.9 of the faster peer); "
-                      f"max |output - engine's| {p['max_abs_diff']:.1e}")
-            for peer, why in r.get("peers_missing", {}).items():
-                print(f"peer {peer} on {r['case']}: not measured ({why})")
         print(f"results appended to {results.path}")
+
+
+def print_status(rows, size, world, device, backend, peers=True):
+    """Rank 0: one S's table, the overlap goal, the peers and each layout's ratio to the faster peer."""
+    title = (f"sequence-parallel attention, fwd+bwd, causal zigzag: S={size['seq_len']} "
+             f"H={size['num_heads']} H_kv={size['num_kv_heads']} D={size['head_dim']} {size['dtype']} on "
+             f"{world} {device.type} ranks, backend={backend}; /peer = step / the faster peer's")
+    harness.print_table(rows, COLUMNS, title=title)
+    for r in rows:
+        if r["config"]["algorithm"] == "ring" and r["config"]["ulysses"] == 1:
+            verdict = "meets" if r["overlap_ratio"] <= 1.10 else "misses"
+            print(f"overlap goal (ring, <= 1.10 on 4 CPU ranks): {r['overlap_ratio']:.3f} {verdict} it "
+                  f"(reported, not asserted)")
+        for peer, p in r.get("peers", {}).items():
+            print(f"peer {peer} on {r['case']}: {p['median_ms']:.1f} ms (min {p['min_ms']:.1f}, max "
+                  f"{p['max_ms']:.1f}); engine / {peer} = {p['ratio']:.3f} (goal <= 0.9 of the faster peer); "
+                  f"max |output - engine's| {p['max_abs_diff']:.1e}")
+        for peer, why in r.get("peers_missing", {}).items():
+            print(f"peer {peer} on {r['case']}: not measured ({why})")
+    for r in rows:
+        label = f"{r['case']} S={size['seq_len']} {size['dtype']} ratio to the faster peer"
+        if r.get("ratio_to_faster_peer") is None:
+            why = "--no-peers" if not peers else "no peer could be timed"
+            print(f"{label}: not measured ({why}) (target <= {PEER_TARGET:g})")
+            continue
+        fp = r["faster_peer"]
+        verdict = "met" if r["ratio_to_faster_peer"] <= PEER_TARGET else "not met"
+        print(f"{label}: {r['ratio_to_faster_peer']:.3f} ({fp['name']} {fp['median_ms']:.1f} ms"
+              f"{'' if fp['same_repeats'] else ', timed on the ring layout'}) (target <= {PEER_TARGET:g}): "
+              f"{verdict}")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes, seconds (CI)")
     p.add_argument("--seq-len", type=int, default=None, help="global sequence length")
+    p.add_argument("--seq-lens", type=lambda t: [int(x) for x in t.split(",") if x.strip()], default=None,
+                   help="comma-separated global sequence lengths, one set of lines (and peer timings) each")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of q/k/v for all sides")
     p.add_argument("--backend", default="auto", help="block kernel backend (auto, reference, cpu, triton)")
     p.add_argument("--world", type=int, default=4, help="ranks to spawn when not under torchrun")
     p.add_argument("--results-dir", default=None)

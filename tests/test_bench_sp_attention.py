@@ -60,3 +60,30 @@ def test_shim_matches_torch_attention_in_float64():
         _flash_attn_backward(dout, q, k, v, out, lse, *grads, 0.0, 0.3, causal)
         for got, leaf in zip(grads, leaves):
             torch.testing.assert_close(got, leaf.grad, rtol=0, atol=1e-12)
+
+
+def test_smoke_2d_row_ratio_to_the_faster_peer_per_s_in_bf16(tmp_path):
+    """4 ranks (so there is a ring2 x ulysses2 row), two S in one launch, bf16 on every side: each S has
+    its own peer timings on the ring row, and every layout's line a ratio to the faster of them."""
+    script = os.path.join(REPO, "benchmarks", "bench_sp_attention.py")
+    proc = subprocess.run([sys.executable, script, "--smoke", "--world", "4", "--seq-lens", "256,512",
+                           "--dtype", "bf16", "--results-dir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(tmp_path / "bench_sp_attention.jsonl") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    assert {r["config"]["seq_len"] for r in rows} == {256, 512}
+    assert {r["config"]["dtype"] for r in rows} == {"bf16"}
+    for S in (256, 512):
+        ring = [r for r in rows if r["case"] == "ring4" and r["config"]["seq_len"] == S]
+        two_d = [r for r in rows if r["case"] == "ring2_ulysses2" and r["config"]["seq_len"] == S]
+        assert len(ring) == 1 and len(two_d) == 1, rows
+        peers = ring[0]["peers"]
+        assert "torch_ring" in peers, ring[0].get("peers_missing")  # torch's CPU flash op takes bf16
+        fastest = min(peers, key=lambda n: peers[n]["median_ms"])
+        fp = two_d[0]["faster_peer"]
+        assert fp["name"] == fastest and fp["median_ms"] == peers[fastest]["median_ms"]
+        assert not fp["same_repeats"] and ring[0]["faster_peer"]["same_repeats"]
+        assert abs(two_d[0]["ratio_to_faster_peer"] - two_d[0]["median_ms"] / fp["median_ms"]) < 1e-9
+        assert f"ring2_ulysses2 S={S} bf16 ratio to the faster peer:" in proc.stdout
+        assert f"ring4 S={S} bf16 ratio to the faster peer:" in proc.stdout
