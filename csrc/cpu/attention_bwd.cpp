@@ -45,7 +45,11 @@ int64_t choose_chunks(int64_t units, int64_t max_kblocks, int64_t nthreads) {
   return c;
 }
 
-template <typename T>
+// kDot (T = float, bf16 q/k/v/dout, built with AVX512-BF16): the five GEMMs take bf16 operands through
+// pair dot products (attention_cpu.h). Q, dO, K^T, V^T and K are bf16 words (exact copies of the
+// inputs); P and dS are rounded to bf16 after the float32 softmax algebra, as on GPUs. Their
+// transposes need no copy: a pair row (x[2rr][key], x[2rr+1][key]) read with rs_a = 1 serves dV and dK.
+template <typename T, bool kDot>
 void attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
                      const at::Tensor& dv, const std::vector<Segment>& segs, double softmax_scale, bool causal,
@@ -75,24 +79,38 @@ void attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
   // and lse in log2 units. Every key block re-reads all of its query rows, so they are packed once
   // here rather than gathered from the strided (B,S,H,D) layout once per key block.
   const int64_t panel = Sq * Dp;
-  at::Tensor work = at::empty({std::max<int64_t>(2 * B * H * panel, 1)}, dq.options());
+  const int64_t D2 = ceil_div(D, 2);  // bf16 words per row (kDot)
+  const int64_t wpanel = Sq * D2;
+  at::Tensor work = at::empty({std::max<int64_t>(kDot ? 1 : 2 * B * H * panel, 1)}, dq.options());
+  at::Tensor work_w = at::empty({std::max<int64_t>(kDot ? 2 * B * H * wpanel : 1, 1)}, dq.options().dtype(at::kInt));
   T* qp = work.data_ptr<T>();
   T* dop = qp + B * H * panel;
+  uint32_t* qw = reinterpret_cast<uint32_t*>(work_w.data_ptr<int32_t>());
+  uint32_t* dow = qw + B * H * wpanel;
   std::vector<T> delta(B * H * Sq), lse2(B * H * Sq);
   const at::ScalarType do_st = dout.scalar_type(), o_st = out.scalar_type();
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<T> o_row(D);
+    std::vector<T> o_row(D), do_row(D);
 #pragma omp for schedule(static)
     for (int64_t bs = 0; bs < B * Sq; ++bs) {
       const int64_t bi = bs / Sq, row = bs % Sq;
       for (int64_t h = 0; h < H; ++h) {
         const int64_t idx = (bi * H + h) * Sq + row;
-        T* qd = qp + idx * Dp;
-        T* dd = dop + idx * Dp;
-        pack_rows(qd, Dp, q_ptr + (bs * H + h) * D * es, 0, st, 1, D);
-        pack_rows(dd, Dp, do_ptr + (bs * H + h) * D * do_es, 0, do_st, 1, D);
         load_row(o_row.data(), o_ptr + (bs * H + h) * D * o_es, o_st, D);
+        const T* dd;
+        if constexpr (kDot) {
+          pack_bf16_rows(qw + idx * D2, D2, reinterpret_cast<const uint16_t*>(q_ptr) + (bs * H + h) * D, 0, 1, D);
+          pack_bf16_rows(dow + idx * D2, D2, reinterpret_cast<const uint16_t*>(do_ptr) + (bs * H + h) * D, 0, 1, D);
+          load_row(do_row.data(), do_ptr + (bs * H + h) * D * do_es, do_st, D);
+          dd = do_row.data();
+        } else {
+          T* qd = qp + idx * Dp;
+          T* ddw = dop + idx * Dp;
+          pack_rows(qd, Dp, q_ptr + (bs * H + h) * D * es, 0, st, 1, D);
+          pack_rows(ddw, Dp, do_ptr + (bs * H + h) * D * do_es, 0, do_st, 1, D);
+          dd = ddw;
+        }
         T acc = 0;
         for (int64_t d = 0; d < D; ++d) acc += dd[d] * o_row[d];
         delta[idx] = acc;
@@ -132,8 +150,14 @@ void attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
 
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<T> kt(D * kBlockK), vt(D * kBlockK), kn(kBlockK * Dp), dk_acc(kBlockK * Dp), dv_acc(kBlockK * Dp),
-        s_buf(kBlockQ * kBlockK), dp_buf(kBlockQ * kBlockK), tmp(D);
+    std::vector<T> kt(kDot ? 0 : D * kBlockK), vt(kDot ? 0 : D * kBlockK), kn(kDot ? 0 : kBlockK * Dp),
+        dk_acc(kBlockK * Dp), dv_acc(kBlockK * Dp), s_buf(kBlockQ * kBlockK), dp_buf(kBlockQ * kBlockK), tmp(D);
+    // kDot: K^T and V^T (D2 x Bk words), K row pairs (Bk/2 x Dp); per tile the Q and dO row pairs
+    // (Bq/2 x Dp), P and dS pair rows (Bq/2 x Bk: P^T, dS^T) and dS rows (Bq x Bk/2: dS).
+    std::vector<uint32_t> ktw(kDot ? D2 * kBlockK : 0), vtw(kDot ? D2 * kBlockK : 0),
+        knw(kDot ? kBlockK / 2 * Dp : 0), qpw(kDot ? kBlockQ / 2 * Dp : 0), dopw(kDot ? kBlockQ / 2 * Dp : 0),
+        ptw(kDot ? kBlockQ / 2 * kBlockK : 0), dstw(kDot ? kBlockQ / 2 * kBlockK : 0),
+        dsw(kDot ? kBlockQ * kBlockK / 2 : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < n_items; ++it) {
       const BwdItem& item = items[it];
@@ -144,9 +168,16 @@ void attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
         const int64_t cs = j * kBlockK;
         const int64_t kc = std::min(kBlockK, sg.k_len - cs);
         const int64_t k_off = ((sg.b * Sk + sg.k0 + cs) * Hk + hk) * D * es;
-        pack_transposed(kt.data(), kBlockK, k_ptr + k_off, kv_row_bytes, st, kc, D, tmp.data());
-        pack_transposed(vt.data(), kBlockK, v_ptr + k_off, kv_row_bytes, st, kc, D, tmp.data());
-        pack_rows(kn.data(), Dp, k_ptr + k_off, kv_row_bytes, st, kc, D);
+        if constexpr (kDot) {
+          const auto* k16 = reinterpret_cast<const uint16_t*>(k_ptr + k_off);
+          pack_bf16_transposed(ktw.data(), kBlockK, k16, Hk * D, kc, D);
+          pack_bf16_transposed(vtw.data(), kBlockK, reinterpret_cast<const uint16_t*>(v_ptr + k_off), Hk * D, kc, D);
+          pack_bf16_row_pairs(knw.data(), Dp, k16, Hk * D, kc, D);
+        } else {
+          pack_transposed(kt.data(), kBlockK, k_ptr + k_off, kv_row_bytes, st, kc, D, tmp.data());
+          pack_transposed(vt.data(), kBlockK, v_ptr + k_off, kv_row_bytes, st, kc, D, tmp.data());
+          pack_rows(kn.data(), Dp, k_ptr + k_off, kv_row_bytes, st, kc, D);
+        }
         std::fill(dk_acc.begin(), dk_acc.begin() + kc * Dp, T(0));
         std::fill(dv_acc.begin(), dv_acc.begin() + kc * Dp, T(0));
         // Causal: rows before the block's first key see none of it, so the first tile starts there.
@@ -157,11 +188,19 @@ void attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
             const int64_t kv = causal ? std::min(kc, rs + qc - cs) : kc;  // keys some row here sees
             const int64_t kvw = round_up(kv, P);
             const int64_t stat0 = (sg.b * H + h) * Sq + sg.q0 + rs;
-            const T* qn = qp + stat0 * Dp;
-            const T* don = dop + stat0 * Dp;
+            const T* qn = kDot ? nullptr : qp + stat0 * Dp;
+            const T* don = kDot ? nullptr : dop + stat0 * Dp;
             T* dq_tile = dqp + item.chunk * B * H * panel + stat0 * Dp;
-            gemm_tile<T>(qc, kvw, D, qn, Dp, 1, kt.data(), kBlockK, s_buf.data(), kBlockK, false);
-            gemm_tile<T>(qc, kvw, D, don, Dp, 1, vt.data(), kBlockK, dp_buf.data(), kBlockK, false);
+            if constexpr (kDot) {
+#if defined(LV_CPU_BF16_DOT)
+              gemm_tile_bf16(qc, kvw, D2, qw + stat0 * D2, D2, 1, ktw.data(), kBlockK, s_buf.data(), kBlockK, false);
+              gemm_tile_bf16(qc, kvw, D2, dow + stat0 * D2, D2, 1, vtw.data(), kBlockK, dp_buf.data(), kBlockK,
+                             false);
+#endif
+            } else {
+              gemm_tile<T>(qc, kvw, D, qn, Dp, 1, kt.data(), kBlockK, s_buf.data(), kBlockK, false);
+              gemm_tile<T>(qc, kvw, D, don, Dp, 1, vt.data(), kBlockK, dp_buf.data(), kBlockK, false);
+            }
             for (int64_t r = 0; r < qc; ++r) {
               T* p_row = s_buf.data() + r * kBlockK;
               T* ds_row = dp_buf.data() + r * kBlockK;
@@ -177,9 +216,34 @@ void attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
                 storeu(ds_row + c, loadu(p_row + c) * (loadu(ds_row + c) - dl) * sc);
               }
             }
-            gemm_tile<T>(kv, Dp, qc, s_buf.data(), 1, kBlockK, don, Dp, dv_acc.data(), Dp, true);
-            gemm_tile<T>(kv, Dp, qc, dp_buf.data(), 1, kBlockK, qn, Dp, dk_acc.data(), Dp, true);
-            gemm_tile<T>(qc, Dp, kv, dp_buf.data(), kBlockK, 1, kn.data(), Dp, dq_tile, Dp, true);
+            if constexpr (kDot) {
+#if defined(LV_CPU_BF16_DOT)
+              // Row pairs of this tile: P^T, dS^T (A of dV, dK) and Q, dO (their B); dS rows for dQ.
+              const int64_t q2 = ceil_div(qc, 2);
+              for (int64_t rr = 0; rr < q2; ++rr) {
+                const int64_t r0 = 2 * rr;
+                const bool two = r0 + 1 < qc;
+                pair_rows_bf16(ptw.data() + rr * kBlockK, s_buf.data() + r0 * kBlockK,
+                               two ? s_buf.data() + (r0 + 1) * kBlockK : nullptr, kvw);
+                pair_rows_bf16(dstw.data() + rr * kBlockK, dp_buf.data() + r0 * kBlockK,
+                               two ? dp_buf.data() + (r0 + 1) * kBlockK : nullptr, kvw);
+              }
+              for (int64_t r = 0; r < qc; ++r) {
+                round_row_bf16(dsw.data() + r * kBlockK / 2, dp_buf.data() + r * kBlockK, kvw);
+              }
+              const auto* q16 = reinterpret_cast<const uint16_t*>(qw + stat0 * D2);
+              const auto* do16 = reinterpret_cast<const uint16_t*>(dow + stat0 * D2);
+              pack_bf16_row_pairs(qpw.data(), Dp, q16, 2 * D2, qc, D);
+              pack_bf16_row_pairs(dopw.data(), Dp, do16, 2 * D2, qc, D);
+              gemm_tile_bf16(kv, Dp, q2, ptw.data(), 1, kBlockK, dopw.data(), Dp, dv_acc.data(), Dp, true);
+              gemm_tile_bf16(kv, Dp, q2, dstw.data(), 1, kBlockK, qpw.data(), Dp, dk_acc.data(), Dp, true);
+              gemm_tile_bf16(qc, Dp, ceil_div(kv, 2), dsw.data(), kBlockK / 2, 1, knw.data(), Dp, dq_tile, Dp, true);
+#endif
+            } else {
+              gemm_tile<T>(kv, Dp, qc, s_buf.data(), 1, kBlockK, don, Dp, dv_acc.data(), Dp, true);
+              gemm_tile<T>(kv, Dp, qc, dp_buf.data(), 1, kBlockK, qn, Dp, dk_acc.data(), Dp, true);
+              gemm_tile<T>(qc, Dp, kv, dp_buf.data(), kBlockK, 1, kn.data(), Dp, dq_tile, Dp, true);
+            }
           }
         }
         for (int64_t r = 0; r < kc; ++r) {
@@ -235,9 +299,11 @@ void attn_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   check_acc("dv", dv, v.sizes(), acc);
   TORCH_CHECK(std::isfinite(softmax_scale), "softmax_scale must be finite, got ", softmax_scale);
   if (acc == at::kDouble) {
-    attn_bwd_kernel<double>(dout, q, k, v, out, lse, dq, dk, dv, segs, softmax_scale, causal, accumulate);
+    attn_bwd_kernel<double, false>(dout, q, k, v, out, lse, dq, dk, dv, segs, softmax_scale, causal, accumulate);
+  } else if (bf16_dot_enabled() && q.scalar_type() == at::kBFloat16 && dout.scalar_type() == at::kBFloat16) {
+    attn_bwd_kernel<float, true>(dout, q, k, v, out, lse, dq, dk, dv, segs, softmax_scale, causal, accumulate);
   } else {
-    attn_bwd_kernel<float>(dout, q, k, v, out, lse, dq, dk, dv, segs, softmax_scale, causal, accumulate);
+    attn_bwd_kernel<float, false>(dout, q, k, v, out, lse, dq, dk, dv, segs, softmax_scale, causal, accumulate);
   }
 }
 

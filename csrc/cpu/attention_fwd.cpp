@@ -31,6 +31,23 @@ bool gemm_use_blas() {
   return use;
 }
 
+// bf16 inputs take the pair-dot-product GEMMs when the build has them and the CPU runs them (the
+// build targets the machine it is built on, but a copied build may land on an older CPU), unless
+// LONGVILA_CPU_BF16=fp32 asks for the float32 route (both are held to the same tolerance rule).
+bool bf16_dot_enabled() {
+#if defined(LV_CPU_BF16_DOT)
+  static const bool use = [] {
+    const char* v = std::getenv("LONGVILA_CPU_BF16");
+    if (v != nullptr && std::string(v) == "fp32") return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return use;
+#else
+  return false;
+#endif
+}
+
 namespace {
 
 // 96 query rows = 16 micro-kernel strips of 6; 128 keys amortise the P*V accumulator traffic.
@@ -45,7 +62,10 @@ struct FwdItem {
   int64_t cost;  // key blocks visited, to schedule the heavy causal items first
 };
 
-template <typename T>
+// kDot (T = float, bf16 q/k/v, built with AVX512-BF16): the two GEMMs take bf16 operands through pair
+// dot products (attention_cpu.h): Q, K^T and V packed as bf16 words, P rounded to bf16 for P*V. The
+// softmax, the running (max, sum, out) and the output stay float32.
+template <typename T, bool kDot>
 void attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                      const at::Tensor& lse, const std::vector<Segment>& segs, double softmax_scale, bool causal,
                      bool resume) {
@@ -66,8 +86,9 @@ void attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 
   // K^T (D x Bk) and V (Bk x Dp) of every (key block, kv head), packed once: each block is then
   // read by every query block of its segment and every head of its group.
-  const int64_t kt_elems = D * kBlockK;
-  const int64_t blk_elems = kt_elems + kBlockK * Dp;
+  const int64_t D2 = ceil_div(D, 2);  // bf16 words per row of Q or K (kDot)
+  const int64_t kt_elems = kDot ? D2 * kBlockK : D * kBlockK;
+  const int64_t blk_elems = kt_elems + (kDot ? kBlockK / 2 : kBlockK) * Dp;
   std::vector<int64_t> kb_base(segs.size() + 1, 0);
   std::vector<std::pair<int64_t, int64_t>> kblocks;  // (segment, block within segment)
   for (size_t s = 0; s < segs.size(); ++s) {
@@ -76,8 +97,10 @@ void attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     for (int64_t j = 0; j < nkb; ++j) kblocks.emplace_back(static_cast<int64_t>(s), j);
   }
   const int64_t n_pack = static_cast<int64_t>(kblocks.size()) * Hk;
-  at::Tensor packed = at::empty({std::max<int64_t>(n_pack * blk_elems, 1)}, out.options());
-  T* pk = packed.data_ptr<T>();
+  at::Tensor packed = at::empty({std::max<int64_t>(n_pack * blk_elems, 1)},
+                                out.options().dtype(kDot ? at::kInt : out.scalar_type()));
+  T* pk = kDot ? nullptr : packed.data_ptr<T>();
+  uint32_t* pkw = kDot ? reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>()) : nullptr;
   const int64_t kv_row_bytes = Hk * D * es;
 #pragma omp parallel num_threads(nthreads)
   {
@@ -90,9 +113,16 @@ void attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       const int64_t c0 = kb.second * kBlockK;
       const int64_t kc = std::min(kBlockK, sg.k_len - c0);
       const int64_t off = ((sg.b * Sk + sg.k0 + c0) * Hk + hk) * D * es;
-      T* dst = pk + it * blk_elems;
-      pack_transposed(dst, kBlockK, k_ptr + off, kv_row_bytes, st, kc, D, tmp.data());
-      pack_rows(dst + kt_elems, Dp, v_ptr + off, kv_row_bytes, st, kc, D);
+      if constexpr (kDot) {
+        uint32_t* dst = pkw + it * blk_elems;
+        const auto* k16 = reinterpret_cast<const uint16_t*>(k_ptr + off);
+        pack_bf16_transposed(dst, kBlockK, k16, Hk * D, kc, D);
+        pack_bf16_row_pairs(dst + kt_elems, Dp, reinterpret_cast<const uint16_t*>(v_ptr + off), Hk * D, kc, D);
+      } else {
+        T* dst = pk + it * blk_elems;
+        pack_transposed(dst, kBlockK, k_ptr + off, kv_row_bytes, st, kc, D, tmp.data());
+        pack_rows(dst + kt_elems, Dp, v_ptr + off, kv_row_bytes, st, kc, D);
+      }
     }
   }
 
@@ -112,7 +142,9 @@ void attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<T> q_buf(kBlockQ * D), s_buf(kBlockQ * kBlockK), o_buf(kBlockQ * Dp), m_run(kBlockQ);
+    std::vector<T> q_buf(kDot ? 0 : kBlockQ * D), s_buf(kBlockQ * kBlockK), o_buf(kBlockQ * Dp), m_run(kBlockQ);
+    // kDot: the Q tile and the rounded P tile as bf16 words.
+    std::vector<uint32_t> q_w(kDot ? kBlockQ * D2 : 0), p_w(kDot ? kBlockQ * kBlockK / 2 : 0);
     // Row sums of P kept lane-wise and reduced once per row at the end (l = hsum(l_vec)).
     std::vector<Vec<T>> l_vec(kBlockQ);
 #pragma omp for schedule(dynamic, 1)
@@ -125,7 +157,11 @@ void attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       // Packed even when q is already in T: rows of q sit H*D elements apart, and broadcasting from
       // 6 rows at a power-of-two stride lands in a handful of L1 sets and thrashes them.
       const char* q_src = q_ptr + ((sg.b * Sq + sg.q0 + rs) * H + h) * D * es;
-      pack_rows(q_buf.data(), D, q_src, H * D * es, st, qc, D);
+      if constexpr (kDot) {
+        pack_bf16_rows(q_w.data(), D2, reinterpret_cast<const uint16_t*>(q_src), H * D, qc, D);
+      } else {
+        pack_rows(q_buf.data(), D, q_src, H * D * es, st, qc, D);
+      }
       std::fill(m_run.begin(), m_run.begin() + qc, -std::numeric_limits<T>::infinity());
       std::fill(l_vec.begin(), l_vec.begin() + qc, Vec<T>{});
       std::fill(o_buf.begin(), o_buf.begin() + qc * Dp, T(0));
@@ -135,14 +171,22 @@ void attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
         const int64_t kc = std::min(kBlockK, sg.k_len - cs);
         // Columns any row of this tile can see: the diagonal tile stops at the last row's key.
         const int64_t kv = causal ? std::min(kc, rs + qc - cs) : kc;
-        const T* kt = pk + ((kb_base[item.seg] + j) * Hk + hk) * blk_elems;
-        const T* vb = kt + kt_elems;
-        gemm_tile<T>(qc, round_up(kv, P), D, q_buf.data(), D, 1, kt, kBlockK, s_buf.data(), kBlockK, false);
+        const int64_t blk = (kb_base[item.seg] + j) * Hk + hk;
+        if constexpr (kDot) {
+#if defined(LV_CPU_BF16_DOT)
+          gemm_tile_bf16(qc, round_up(kv, P), D2, q_w.data(), D2, 1, pkw + blk * blk_elems, kBlockK, s_buf.data(),
+                         kBlockK, false);
+#endif
+        } else {
+          gemm_tile<T>(qc, round_up(kv, P), D, q_buf.data(), D, 1, pk + blk * blk_elems, kBlockK, s_buf.data(),
+                       kBlockK, false);
+        }
         for (int64_t r = 0; r < qc; ++r) {
           T* row = s_buf.data() + r * kBlockK;
           const int64_t nv = causal ? std::max<int64_t>(0, std::min(kv, rs + r - cs + 1)) : kv;
           if (nv == 0) {
-            row_exp2<T>(row, 0, round_up(kv, W), scale2, T(0));  // zeros: the row sees no key here
+            row_exp2<T>(row, 0, round_up(kv, P), scale2, T(0));  // zeros: the row sees no key here
+            if constexpr (kDot) std::fill_n(p_w.data() + r * kBlockK / 2, round_up(kv, P) / 2, 0u);
             continue;
           }
           const T m_new = std::max(m_run[r], row_max_scaled<T>(row, nv, scale2));
@@ -156,9 +200,20 @@ void attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
             T* o = o_buf.data() + r * Dp;
             for (int64_t d = 0; d < Dp; d += W) storeu(o + d, loadu(o + d) * va);
           }
-          l_vec[r] += row_exp2<T>(row, nv, round_up(kv, W), scale2, m_new);
+          l_vec[r] += row_exp2<T>(row, nv, round_up(kv, P), scale2, m_new);
+#if defined(LV_CPU_BF16_DOT)
+          if constexpr (kDot) round_row_bf16(p_w.data() + r * kBlockK / 2, row, round_up(kv, P));
+#endif
         }
-        gemm_tile<T>(qc, Dp, kv, s_buf.data(), kBlockK, 1, vb, Dp, o_buf.data(), Dp, true);
+        if constexpr (kDot) {
+#if defined(LV_CPU_BF16_DOT)
+          gemm_tile_bf16(qc, Dp, ceil_div(kv, 2), p_w.data(), kBlockK / 2, 1, pkw + blk * blk_elems + kt_elems, Dp,
+                         o_buf.data(), Dp, true);
+#endif
+        } else {
+          gemm_tile<T>(qc, Dp, kv, s_buf.data(), kBlockK, 1, pk + blk * blk_elems + kt_elems, Dp, o_buf.data(), Dp,
+                       true);
+        }
       }
 
       for (int64_t r = 0; r < qc; ++r) {
@@ -197,9 +252,11 @@ void attn_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   TORCH_CHECK(std::isfinite(softmax_scale), "softmax_scale must be finite, got ", softmax_scale);
   if (out.numel() == 0) return;
   if (acc == at::kDouble) {
-    attn_fwd_kernel<double>(q, k, v, out, lse, segs, softmax_scale, causal, resume);
+    attn_fwd_kernel<double, false>(q, k, v, out, lse, segs, softmax_scale, causal, resume);
+  } else if (bf16_dot_enabled() && q.scalar_type() == at::kBFloat16) {
+    attn_fwd_kernel<float, true>(q, k, v, out, lse, segs, softmax_scale, causal, resume);
   } else {
-    attn_fwd_kernel<float>(q, k, v, out, lse, segs, softmax_scale, causal, resume);
+    attn_fwd_kernel<float, false>(q, k, v, out, lse, segs, softmax_scale, causal, resume);
   }
 }
 
