@@ -20,9 +20,12 @@ worker needs to survive that:
   an uninterrupted one would have.
 - `resume_path`: what `--resume` means (auto / latest / none / a step directory).
 - `failed_collective`: the innermost collective in a traceback, for the one-line failure report.
+- `run_trainer`: the one failure and preemption path of both trainers' `main()` (`train.py`, and
+  `train_vlm.py` behind `--task vlm`): SIGTERM handled by `Preemption`, any other failure reported with
+  rank, step and collective, then `os._exit(1)`.
 
-Deliberately not here: a supervisor of our own (torchrun's agent is it), the training loop (`train.py`),
-checkpoint I/O (`checkpoint.py`).
+Deliberately not here: a supervisor of our own (torchrun's agent is it), the training loops (`train.py`,
+`train_vlm.py`), checkpoint I/O (`checkpoint.py`).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ __all__ = [
     "DataPosition",
     "resume_path",
     "failed_collective",
+    "run_trainer",
 ]
 
 
@@ -85,12 +89,16 @@ class Preemption:
     once per step boundary) and returns True on every rank once any rank has been signalled. Until
     `arm()` (the training loop has started) and after `disarm()`, SIGTERM exits `exit_code` at once:
     there is no step boundary to reach, and a rank stuck at start-up must not make torchrun wait.
+    `stop_after(step, ...)` is the whole step boundary of a training loop: the poll, the checkpoint, the
+    report. `name` is the program in that report.
     """
 
-    def __init__(self, grace_s: float = 30.0, describe=lambda: "", exit_code: int = 143):
+    def __init__(self, grace_s: float = 30.0, describe=lambda: "", exit_code: int = 143,
+                 name: str = "longvila_engine.train"):
         if not grace_s > 0:
             raise ValueError(f"preemption grace must be > 0 seconds, got {grace_s}; pass e.g. 30")
         self.grace_s, self.describe, self.exit_code = float(grace_s), describe, exit_code
+        self.name = name
         self.signalled_at: float | None = None
         self.armed = False
         self.done = threading.Event()
@@ -154,6 +162,27 @@ class Preemption:
     def finished(self) -> None:
         """The checkpoint is saved: the watchdog stands down."""
         self.done.set()
+
+    def stop_after(self, step: int, device, progress: dict, rank: int, checkpoint_dir: str | None, save) -> bool:
+        """The step boundary after `step` (collective, every rank): False to go on. Once any rank was
+        signalled: `save()` (when there is a `checkpoint_dir`; pass None when `step` is saved already),
+        the watchdog stands down, rank 0 reports, and True: leave the loop and exit 0."""
+        progress["where"] = f"step {step} (end-of-step stop-flag all_reduce)"
+        if not self.should_stop(device):
+            return False
+        progress["where"] = f"preemption checkpoint {step}"
+        if checkpoint_dir and save is not None:
+            save()
+        self.finished()
+        if rank == 0:
+            what = f"checkpoint step {step} saved in {checkpoint_dir}" if checkpoint_dir \
+                else "no --checkpoint-dir, nothing saved"
+            print(
+                f"[{self.name}] preempted by SIGTERM: every rank stopped after step {step}; {what}; exiting 0",
+                file=sys.stderr,
+                flush=True,
+            )
+        return True
 
 
 def _encode(state: torch.Tensor) -> str:
@@ -264,6 +293,54 @@ def failed_collective(tb) -> str | None:
     if found is None:
         return None
     return f"{found[0]} ({found[1]}" + (f", called from {caller})" if caller else ")")
+
+
+def run_trainer(name: str, parse_args, train, argv=None, *, quiet: tuple = ()) -> int:
+    """A trainer's `main()`: `train(parse_args(argv), progress, preemption)` on this rank, and 0.
+
+    `train` keeps `progress['rank']` and `progress['where']` (the step, or what it is doing) current and
+    calls `preemption.arm()` when its loop starts and `preemption.stop_after(...)` after every step.
+    SIGTERM (a scheduler's preemption, or torchrun stopping the survivors of a failure): stop at the next
+    step boundary with a checkpoint and exit 0; exit 143 if that takes longer than `--preempt-grace`.
+    Any other exception on a rank (its own, or a collective that failed because a peer died or timed
+    out) is printed with its traceback and one line `[name rank R] FAILED during <where>, in collective
+    <c>: ...`, and the process leaves with `os._exit(1)` (no teardown that could block on a dead peer).
+    Exceptions of a `quiet` type are the user's own message (a bad sample): no traceback, no peer hint.
+    """
+    progress: dict = {}
+
+    def describe():
+        return f"[{name} rank {progress.get('rank', '?')}] during {progress.get('where', 'start-up')}:"
+
+    preemption = Preemption(describe=describe, name=name).install()
+    try:
+        args = parse_args(argv)
+        preemption.grace_s = args.preempt_grace
+        train(args, progress, preemption)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: B036 - any failure must end this rank, never hang it
+        rank = progress.get("rank", os.environ.get("RANK", "?"))
+        where = progress.get("where", "start-up")
+        own = isinstance(exc, quiet) or "injected" in str(exc)
+        if not isinstance(exc, quiet):
+            traceback.print_exc()
+        peer = (
+            ""
+            if own
+            else " (if this is a collective error, another rank failed or timed out; its log has the cause)"
+        )
+        collective = failed_collective(exc.__traceback__)
+        where += f", in collective {collective}" if collective else ""
+        print(
+            f"[{name} rank {rank}] FAILED during {where}: {type(exc).__name__}: {exc}{peer}. Exiting non-zero.",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
 
 
 def leave_process(exit_code: int | None) -> None:

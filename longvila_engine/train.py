@@ -25,9 +25,10 @@ Faults: every process group has `--timeout`. Any exception on a rank (its own, o
 failed because a peer died or timed out) is printed with the rank and step, and the process leaves
 with `os._exit(1)` (no teardown that could block on a dead peer), naming the collective it was in.
 SIGTERM (preemption, or torchrun stopping the others) stops every rank at the next step boundary with a
-checkpoint and exit 0, or exits 143 after `--preempt-grace`. Under `torchrun --max-restarts N` the
-restarted workers resume by themselves (`--resume auto`, the default) from the newest intact checkpoint,
-data position and RNG included (`elastic.py`). `--fail-at-step/--fail-rank/--fail-mode` inject faults
+checkpoint and exit 0, or exits 143 after `--preempt-grace`. Both are `elastic.run_trainer`, which the
+video-text trainer (`--task vlm`) shares. Under `torchrun --max-restarts N` the restarted workers resume
+by themselves (`--resume auto`, the default) from the newest intact checkpoint, data position and RNG
+included (`elastic.py`). `--fail-at-step/--fail-rank/--fail-mode` inject faults
 for tests, on the first attempt only.
 
 Checkpoints: `checkpoint.py` (dense DCP, atomic publish, re-layout on load).
@@ -37,12 +38,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import signal
 import sys
 import time
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -372,8 +373,9 @@ def _fault(args, rank: int, step: int, where: str):
     return fire
 
 
-def _resume(args, model, optimizer, groups, rank: int, batch_size: int) -> tuple[int, int]:
-    """(first step, first sample index) after loading what `--resume` names; (0, 0) when starting fresh."""
+def resume_choice(args, rank: int) -> str | None:
+    """The checkpoint `--resume` names (auto / latest / none / a step directory), the same on every rank;
+    None to start from step 0. Both trainers' resume."""
     # Rank 0 picks (checksums read once) and tells the others, so every rank loads the same step.
     choice = [elastic.resume_path(args.resume, args.checkpoint_dir) if rank == 0 else None]
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -388,9 +390,15 @@ def _resume(args, model, optimizer, groups, rank: int, batch_size: int) -> tuple
             f"no intact checkpoint to resume from in {args.checkpoint_dir}: {reasons}. Restore or remove the "
             f"damaged steps, or pass --resume none to start from step 0"
         )
+    if path is None and rank == 0 and args.checkpoint_dir and args.resume != "none":
+        print(f"no checkpoint in {args.checkpoint_dir}; starting from step 0", file=sys.stderr, flush=True)
+    return path
+
+
+def _resume(args, model, optimizer, groups, rank: int, batch_size: int) -> tuple[int, int]:
+    """(first step, first sample index) after loading what `--resume` names; (0, 0) when starting fresh."""
+    path = resume_choice(args, rank)
     if path is None:
-        if rank == 0 and args.checkpoint_dir and args.resume != "none":
-            print(f"no checkpoint in {args.checkpoint_dir}; starting from step 0", file=sys.stderr, flush=True)
         return 0, 0
     meta = load_checkpoint(path, model, optimizer, groups)
     start = int(meta["step"])
@@ -428,7 +436,7 @@ def train(args, progress: dict | None = None, preemption: elastic.Preemption | N
     """Run the whole job on this rank; returns the per-step records (rank 0 also logs them as JSON).
 
     `preemption` (main installs it on SIGTERM) is polled collectively after every step: once any rank
-    was signalled, every rank saves a checkpoint of that step and returns."""
+    was signalled, every rank saves a checkpoint of that step and returns (`Preemption.stop_after`)."""
     progress = {} if progress is None else progress
     preemption = preemption if preemption is not None else elastic.Preemption(args.preempt_grace)
     progress["where"] = "start-up"
@@ -492,21 +500,9 @@ def train(args, progress: dict | None = None, preemption: elastic.Preemption | N
             if saved:
                 progress["where"] = f"saving checkpoint {step + 1}"
                 _save(args, step + 1, model, optimizer, groups, rank, sample_index, data)
-            progress["where"] = f"step {step + 1} (end-of-step stop-flag all_reduce)"
-            if preemption.should_stop(groups.device):
-                progress["where"] = f"preemption checkpoint {step + 1}"
-                if args.checkpoint_dir and not saved:
-                    _save(args, step + 1, model, optimizer, groups, rank, sample_index, data)
-                preemption.finished()
-                if rank == 0:
-                    what = f"checkpoint step {step + 1} saved in {args.checkpoint_dir}" if args.checkpoint_dir \
-                        else "no --checkpoint-dir, nothing saved"
-                    print(
-                        f"[longvila_engine.train] preempted by SIGTERM: every rank stopped after step {step + 1}; "
-                        f"{what}; exiting 0",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+            save = None if saved else functools.partial(_save, args, step + 1, model, optimizer, groups, rank,
+                                                        sample_index, data)
+            if preemption.stop_after(step + 1, groups.device, progress, rank, args.checkpoint_dir, save):
                 break
     finally:
         if not preemption.requested:  # once preempted, a second SIGTERM changes nothing
@@ -522,16 +518,6 @@ def train(args, progress: dict | None = None, preemption: elastic.Preemption | N
     return records
 
 
-def _exit_on_sigterm(progress, grace_s: float = 30.0) -> elastic.Preemption:
-    """SIGTERM (a scheduler's preemption, or torchrun stopping the survivors of a failure): stop at the
-    next step boundary with a checkpoint and exit 0; exit 143 if that takes longer than `grace_s`."""
-
-    def describe():
-        return f"[longvila_engine.train rank {progress.get('rank', '?')}] during {progress.get('where', 'start-up')}:"
-
-    return elastic.Preemption(grace_s, describe).install()
-
-
 def main(argv=None) -> int:
     from .train_vlm import split_task
 
@@ -540,35 +526,7 @@ def main(argv=None) -> int:
         from .train_vlm import main as vlm_main
 
         return vlm_main(argv)
-    progress: dict = {}
-    preemption = _exit_on_sigterm(progress)
-    try:
-        args = parse_args(argv)
-        preemption.grace_s = args.preempt_grace
-        train(args, progress, preemption)
-    except SystemExit:
-        raise
-    except BaseException as exc:  # noqa: B036 - any failure must end this rank, never hang it
-        rank = progress.get("rank", os.environ.get("RANK", "?"))
-        where = progress.get("where", "start-up")
-        traceback.print_exc()
-        peer = (
-            ""
-            if "injected" in str(exc)
-            else " (if this is a collective error, another rank failed or timed out; its log has the cause)"
-        )
-        collective = elastic.failed_collective(exc.__traceback__)
-        where += f", in collective {collective}" if collective else ""
-        print(
-            f"[longvila_engine.train rank {rank}] FAILED during {where}: {type(exc).__name__}: {exc}{peer}. "
-            f"Exiting non-zero.",
-            file=sys.stderr,
-            flush=True,
-        )
-        os._exit(1)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
+    return elastic.run_trainer("longvila_engine.train", parse_args, train, argv)
 
 
 if __name__ == "__main__":

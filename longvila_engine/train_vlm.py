@@ -25,13 +25,21 @@ everything.
 Checkpoints (`checkpoint.py`) hold the trainable parameters and their AdamW state; frozen weights are
 read again from `--llm`/`--vision` on resume. The data position is the step (packs are deterministic).
 Rank 0 appends one JSON line per step to `--log-json`: loss, tokens/s, frames/s, peak memory, skips.
+
+Faults and restarts are the text trainer's (`elastic.run_trainer`): a failure names the rank, the step and
+the collective it was in, and leaves with exit 1; SIGTERM stops every rank after the current step with a
+checkpoint of it and exit 0 (143 past `--preempt-grace`); `--resume auto` (the default) continues from
+the newest intact checkpoint, so torchrun's restarts and a requeued job go on by themselves. DataLoader
+workers ignore SIGTERM (torchrun signals the worker's whole process group): the trainer stops them.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
+import signal
 import sys
 import time
 
@@ -114,8 +122,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-workers", type=int, default=1, help="DataLoader worker processes (0: decode inline)")
     p.add_argument("--checkpoint-dir", default=None)
     p.add_argument("--save-every", type=int, default=0, help="save after every N steps (0: never)")
-    p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="resume from the latest checkpoint in --checkpoint-dir, or from the given step dir")
+    p.add_argument("--resume", nargs="?", const="latest", default="auto",
+                   help="auto (default): the newest intact checkpoint in --checkpoint-dir if there is one, else "
+                        "start fresh (what a torchrun restart needs); latest: the same, --checkpoint-dir required; "
+                        "none: start fresh; or a step directory")
+    p.add_argument("--preempt-grace", type=float, default=30.0,
+                   help="seconds from SIGTERM to a saved checkpoint and exit 0; past it the rank exits 143")
     p.add_argument("--log-json", default=None, help="append one JSON line per step (rank 0)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a collective gives up")
     p.add_argument("--no-progress", action="store_true", help="no tqdm line")
@@ -129,6 +141,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError("--freeze vision,llm,projector leaves nothing to train; drop one of them")
     if args.resume == "latest" and not args.checkpoint_dir:
         raise ValueError("--resume without a path needs --checkpoint-dir")
+    if not args.preempt_grace > 0:
+        raise ValueError(f"--preempt-grace must be > 0 seconds, got {args.preempt_grace}; pass e.g. 30")
     if args.autocast and args.llm_impl == "hf":
         raise ValueError("--autocast needs --llm-impl engine: transformers' attention upcasts q/k for RoPE and "
                          "the sequence-parallel attention refuses mixed q/k/v dtypes")
@@ -239,6 +253,13 @@ def check_processor_size(processor, image_size: int, where: str) -> None:
                          f"tower expects {image_size} x {image_size}; fix 'size' in preprocessor_config.json")
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM to the trainer: torchrun signals the whole process group, and a
+    worker killed by it would fail the step the trainer is finishing before its preemption checkpoint.
+    The trainer ends its workers when the loop stops (and they leave by themselves when it is gone)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class _SafePacks(torch.utils.data.Dataset):
     """Packs by step: item k is the pack of step start+k for this dp replica. A failing pack comes back
     as {'error': message} so the trainer can agree on it with the other ranks before raising."""
@@ -299,15 +320,20 @@ def _peak_memory_mib(device) -> float:
 
 
 # --- the loop ----------------------------------------------------------------------------------------------
-def train(args, progress: dict | None = None) -> list[dict]:
+def train(args, progress: dict | None = None, preemption=None) -> list[dict]:
+    """Run the whole job on this rank; returns the per-step records. `preemption` (`elastic.Preemption`,
+    main installs it on SIGTERM) is polled collectively after every step, as in the text trainer."""
     from tqdm import tqdm
 
-    from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from . import elastic
+    from .checkpoint import load_checkpoint, save_checkpoint
     from .data import collate_identity, image_token_id, load_tokenizer
     from .tensor_parallel.mappings import all_reduce
-    from .train import average_gradients, build_optimizer, clip_grad_norm_, init_distributed
+    from .train import average_gradients, build_optimizer, clip_grad_norm_, init_distributed, resume_choice
 
     progress = {} if progress is None else progress
+    if preemption is None:
+        preemption = elastic.Preemption(args.preempt_grace, name="longvila_engine.train --task vlm")
     progress["where"] = "start-up"
     groups = init_distributed(args)
     rank = dist.get_rank()
@@ -337,23 +363,27 @@ def train(args, progress: dict | None = None) -> list[dict]:
     counts = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in parts.items()}
     say(f"[vlm] trainable: {', '.join(f'{k} ({v} params)' for k, v in counts.items() if v)}; "
         f"frozen: {', '.join(k for k in parts if k in args.freeze) or 'nothing'}")
-    start = 0
-    if args.resume:
-        path = latest_checkpoint(args.checkpoint_dir) if args.resume == "latest" else args.resume
-        if path is None:
-            say(f"no checkpoint in {args.checkpoint_dir}; starting from step 0")
-        else:
-            start = load_checkpoint(path, view, optimizer, groups)["step"]
-            say(f"resumed from {path} at step {start}")
+    start, path = 0, resume_choice(args, rank)
+    if path is not None:
+        start = int(load_checkpoint(path, view, optimizer, groups)["step"])
+        say(f"resumed from {path} at step {start} (torchrun attempt {elastic.restart_count()})")
     loader = torch.utils.data.DataLoader(
         _SafePacks(data, start, args.steps, groups.dp_size, groups.dp_rank), batch_size=None, shuffle=False,
         num_workers=args.data_workers, collate_fn=collate_identity,
+        worker_init_fn=_ignore_sigterm if args.data_workers else None,
         multiprocessing_context="fork" if args.data_workers else None)
+
+    def save(step: int) -> None:
+        save_checkpoint(args.checkpoint_dir, step, view, optimizer, groups,
+                        meta={"task": "vlm", "llm": args.llm, "vision": args.vision, "seed": args.seed,
+                              "freeze": list(args.freeze)})
+
     bar = tqdm(total=args.steps, initial=start, disable=rank != 0 or args.no_progress, file=sys.stderr,
                dynamic_ncols=True)
     log = open(args.log_json, "a") if (args.log_json and rank == 0) else None
     records, skipped_total, vlm_device = [], len(rep.skipped), groups.device
     vlm.train()
+    preemption.arm()
     try:
         t_prev = time.perf_counter()
         for step, pack in enumerate(loader, start=start):
@@ -398,13 +428,17 @@ def train(args, progress: dict | None = None) -> list[dict]:
             if log is not None:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-            if args.checkpoint_dir and args.save_every and (step + 1) % args.save_every == 0:
+            saved = args.checkpoint_dir and args.save_every and (step + 1) % args.save_every == 0
+            if saved:
                 progress["where"] = f"saving checkpoint {step + 1}"
-                save_checkpoint(args.checkpoint_dir, step + 1, view, optimizer, groups,
-                                meta={"task": "vlm", "llm": args.llm, "vision": args.vision, "seed": args.seed,
-                                      "freeze": list(args.freeze)})
+                save(step + 1)
                 t_prev = time.perf_counter()
+            if preemption.stop_after(step + 1, vlm_device, progress, rank, args.checkpoint_dir,
+                                     None if saved else functools.partial(save, step + 1)):
+                break
     finally:
+        if not preemption.requested:  # once preempted, a second SIGTERM changes nothing
+            preemption.disarm()
         bar.close()
         if log is not None:
             log.close()
@@ -413,25 +447,12 @@ def train(args, progress: dict | None = None) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    """The `--task vlm` entry of `python -m longvila_engine.train` (same failure handling)."""
-    import traceback
+    """The `--task vlm` entry of `python -m longvila_engine.train`: the text trainer's failure and
+    preemption path (`elastic.run_trainer`). A ValueError is the input's fault (a bad sample or argument,
+    named with its file and line): reported without a traceback."""
+    from . import elastic
 
-    progress: dict = {}
-    try:
-        args = parse_args(argv)
-        train(args, progress)
-    except SystemExit:
-        raise
-    except BaseException as exc:  # noqa: B036 - any failure must end this rank, never hang it
-        rank = progress.get("rank", os.environ.get("RANK", "?"))
-        if not isinstance(exc, ValueError):
-            traceback.print_exc()
-        print(f"[longvila_engine.train --task vlm rank {rank}] FAILED during {progress.get('where', 'start-up')}: "
-              f"{type(exc).__name__}: {exc}. Exiting non-zero.", file=sys.stderr, flush=True)
-        os._exit(1)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
+    return elastic.run_trainer("longvila_engine.train --task vlm", parse_args, train, argv, quiet=(ValueError,))
 
 
 if __name__ == "__main__":

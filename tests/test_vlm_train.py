@@ -7,7 +7,11 @@ with a tiny random Qwen2, a tiny random SigLIP tower and mp4/frame-folder/text r
 - resume from a checkpoint continues the one-process run bit for bit;
 - a missing video stops every rank with the file and line; `--skip-bad-samples` counts it instead;
 - `--freeze` trains only what is left (there with the transformers Qwen2, `--llm-impl hf`, and the
-  engine's PatchViT tower).
+  engine's PatchViT tower);
+- SIGTERM to the trainer's process group (what torchrun does to its workers; the DataLoader worker
+  gets it too) mid-run: it stops after the step in progress, saves that step, exits 0 like the text
+  trainer, and `--resume auto` continues from it with an uninterrupted run's losses;
+- a failure names the collective it was in (the text trainer's one failure path, `elastic.run_trainer`).
 
 Why lr 2e-3 and one tolerance for all 30 steps (measured 2026-11-29 on these assets, 2 CPU cores).
 The two layouts differ by float32 summation order only: at step 1 the loss agrees to 6e-8 and every
@@ -39,8 +43,11 @@ from step 1 on. The gradient norm is more sensitive (a derivative more): 6.7e-8 
 """
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from vlm_assets import build_assets
@@ -150,3 +157,84 @@ def test_skip_mode_counts_and_freeze_trains_only_the_rest(assets, tmp_path):
     first = rows[0]
     assert sorted(first["per_rank"]["stage1_frames"]) == sorted([(first["frames"] + 1) // 2, first["frames"] // 2])
 
+
+
+def test_sigterm_saves_the_step_exits_zero_and_resume_auto_continues(assets, tmp_path):
+    # The trainer is the leader of its own process group, as under torchrun, which sends SIGTERM to the
+    # whole group (os.killpg): the DataLoader worker (--data-workers 1, the default) gets it too.
+    ckpt, log, extra = str(tmp_path / "ckpt"), str(tmp_path / "preempted.jsonl"), 3
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env.setdefault("MKL_CBWR", "AUTO,STRICT")
+    cmd = [sys.executable, "-m", "longvila_engine.train", "--task", "vlm", *_common(assets), "--steps", "500",
+           "--checkpoint-dir", ckpt, "--log-json", log, "--no-progress", "--timeout", "60"]
+    with open(tmp_path / "preempted.txt", "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and time.monotonic() < deadline:
+                if os.path.exists(log) and len(open(log).readlines()) >= 2:  # in the loop: past step 2
+                    break
+                time.sleep(0.02)
+            os.killpg(proc.pid, signal.SIGTERM)
+            rc = proc.wait(timeout=90)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    text = open(tmp_path / "preempted.txt").read()
+    steps = [json.loads(line)["step"] for line in open(log)]
+    assert rc == 0, text[-3000:]  # what the text trainer exits with on preemption (tests/test_elastic.py)
+    k = steps[-1]
+    assert steps == list(range(1, k + 1)) and 2 <= k < 500, steps
+    assert "SIGTERM received: stopping at the next step boundary" in text
+    assert f"preempted by SIGTERM: every rank stopped after step {k}; checkpoint step {k} saved" in text, text[-3000:]
+    with open(os.path.join(ckpt, f"step_{k:08d}", "meta.json")) as f:
+        assert json.load(f)["step"] == k
+    rc2, out2, resumed = _run(1, [*_common(assets), "--steps", str(k + extra), "--checkpoint-dir", ckpt,
+                                  "--resume", "auto"], tmp_path, "resumed", timeout=120)
+    assert rc2 == 0, out2[-3000:]
+    assert f"resumed from {ckpt}/step_{k:08d} at step {k}" in out2, out2[-3000:]
+    assert [r["step"] for r in resumed] == list(range(k + 1, k + extra + 1))
+    rc3, out3, ref = _run(1, [*_common(assets), "--steps", str(k + extra)], tmp_path, "reference", timeout=120)
+    assert rc3 == 0, out3[-3000:]
+    preempted = [json.loads(line)["loss"] for line in open(log)]
+    for got, want in zip(preempted + [r["loss"] for r in resumed], [r["loss"] for r in ref]):
+        assert abs(got - want) <= 1e-6 * abs(want), (got, want)
+
+
+_FAILING_VLM = """
+import sys
+from longvila_engine import train_vlm
+
+def train(args, progress, preemption=None):
+    progress.update(rank=0, where="step 3")
+    if sys.argv[1] == "value":
+        raise ValueError("videos/clip.mp4 does not exist (data.jsonl, line 5)")
+
+    def all_reduce():
+        raise RuntimeError("Connection reset by peer")
+
+    all_reduce()
+
+train_vlm.train = train
+train_vlm.main(["--llm", "x", "--vision", "patchvit", "--data", "d.jsonl"])
+"""
+
+
+def test_failure_names_the_collective_like_the_text_trainer():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", _FAILING_VLM, "collective"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 1, res.stderr
+    assert "[longvila_engine.train --task vlm rank 0] FAILED during step 3, in collective all_reduce (" in res.stderr
+    assert "Traceback" in res.stderr and "another rank failed or timed out" in res.stderr
+    res = subprocess.run([sys.executable, "-c", _FAILING_VLM, "value"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 1, res.stderr
+    assert "FAILED during step 3: ValueError: videos/clip.mp4 does not exist (data.jsonl, line 5). Exiting" \
+        in res.stderr
+    assert "Traceback" not in res.stderr  # the input's fault: the message is the report
