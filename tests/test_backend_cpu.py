@@ -304,3 +304,72 @@ def test_opcheck_attention_ops():
     grads = (torch.zeros(q.shape), torch.zeros(k.shape), torch.zeros(k.shape))
     torch.library.opcheck(torch.ops.longvila_engine.attn_bwd.default,
                           (dout, q, k, v, out, lse, *grads, None, None, 0.25, True, False))
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def test_kernel_info_matches_this_cpu():
+    info = cpu_backend.kernel_info()
+    assert info["vector_bits"] in ("256", "512"), info
+    assert info["bf16_dot"] in ("0", "1") and info["gemm"] in ("micro_kernel", "blas"), info
+    flags = _cpu_flags()
+    if info["bf16_dot"] == "1":
+        assert info["bf16_dot_built"] == "1" and "avx512_bf16" in flags
+    elif info["bf16_dot_built"] == "1" and "avx512_bf16" in flags:
+        import os
+
+        assert os.environ.get("LONGVILA_CPU_BF16") == "fp32", "bf16 dot products built and supported but off"
+
+
+_BF16_ROUTE = """
+import sys, torch
+from longvila_engine import ops
+from longvila_engine.ops import cpu
+q, k, v, dout = torch.load(sys.argv[1])
+out, lse = ops.block_attention(q, k, v, causal=True, backend="cpu")
+grads = ops.block_attention_backward(dout, q, k, v, out, lse, causal=True, backend="cpu")
+torch.save({"out": out, "grads": grads, "info": cpu.kernel_info()}, sys.argv[2])
+"""
+
+
+def test_bf16_routes_both_meet_the_tolerance_rule(tmp_path):
+    # bf16 inputs run through AVX512-BF16 pair dot products where built and supported (P and dS
+    # rounded to bf16), else through the float32 route; LONGVILA_CPU_BF16=fp32 forces the latter. Both
+    # must meet the flash-attention tolerance rule, and on a machine with the dot products the two
+    # routes must really differ (P, dS rounded), which shows the dot route ran.
+    import os
+    import subprocess
+    import sys
+
+    q, k, v, dout = _qkv(1, 200, 200, 4, 2, 64, torch.bfloat16, seed=5)
+    torch.save((q, k, v, dout), tmp_path / "in.pt")
+    results = {}
+    for route, env in (("default", {}), ("fp32", {"LONGVILA_CPU_BF16": "fp32"})):
+        script = tmp_path / "route.py"
+        script.write_text(_BF16_ROUTE)
+        out_file = tmp_path / f"{route}.pt"
+        subprocess.run([sys.executable, str(script), str(tmp_path / "in.pt"), str(out_file)], check=True,
+                       env={**os.environ, **env}, timeout=300)
+        results[route] = torch.load(out_file)
+    assert results["fp32"]["info"]["bf16_dot"] == "0"
+    q64, k64, v64, do64 = (t.double().requires_grad_() for t in (q, k, v, dout))
+    out64 = _autograd_attention(q64, k64, v64, True)
+    out64.backward(do64.detach())
+    lowp = [t.clone().requires_grad_() for t in (q, k, v)]
+    out_lowp = _autograd_attention(*lowp, True)
+    out_lowp.backward(dout)
+    for route, res in results.items():
+        assert _err(res["out"], out64) <= 2 * _err(out_lowp, out64) + 1e-4, route
+        for g, leaf64, leaf_lowp in zip(res["grads"], (q64, k64, v64), lowp):
+            assert _err(g, leaf64.grad) <= 3 * _err(leaf_lowp.grad, leaf64.grad) + 1e-4, route
+    same = torch.equal(results["default"]["out"], results["fp32"]["out"])
+    assert same == (results["default"]["info"]["bf16_dot"] == "0")

@@ -48,6 +48,24 @@ bool bf16_dot_enabled() {
 #endif
 }
 
+// What this build's CPU kernels run here, as "key=value" words (longvila_engine.ops.cpu.kernel_info).
+std::string cpu_info() {
+  std::string info = "vector_bits=" + std::to_string(LV_FLOAT_VEC_BYTES * 8);
+#if defined(__AVX512F__)
+  info += " fp32_block=6x64";
+#else
+  info += " fp32_block=6x" + std::to_string(kPanel<float>);
+#endif
+#if defined(LV_CPU_BF16_DOT)
+  info += " bf16_dot_built=1";
+#else
+  info += " bf16_dot_built=0";
+#endif
+  info += std::string(" bf16_dot=") + (bf16_dot_enabled() ? "1" : "0");
+  info += std::string(" gemm=") + (gemm_use_blas() ? "blas" : "micro_kernel");
+  return info;
+}
+
 namespace {
 
 // 96 query rows = 16 micro-kernel strips of 6; 128 keys amortise the P*V accumulator traffic.
@@ -265,3 +283,6 @@ void attn_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
 }  // namespace lv
 
 TORCH_LIBRARY_IMPL(longvila_engine, CPU, m) { m.impl("attn_fwd", &lv::cpu::attn_fwd); }
+
+// No tensor arguments, so a catch-all kernel rather than a CPU one.
+TORCH_LIBRARY_FRAGMENT(longvila_engine, m) { m.def("cpu_info() -> str", &lv::cpu::cpu_info); }

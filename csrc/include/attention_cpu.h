@@ -202,12 +202,68 @@ __attribute__((noinline)) void micro_tile(int64_t K, const T* A, int64_t rs_a, i
   if constexpr (MR > 5) { storeu(C + 5 * ldc, c50); storeu(C + 5 * ldc + W, c51); }
 }
 
+#if defined(__AVX512F__)
+// With AVX-512's 32 registers the float block can be 6 rows x 4 vectors (64 columns): 24
+// accumulators + 4 B vectors + 1 broadcast, 4 B loads and 6 broadcasts per 24 FMAs instead of 2 and 6
+// per 12. Accumulators as an array, fully unrolled in a noinline function, stay in registers (GCC 12,
+// checked in the disassembly: no stack traffic in the k loop).
+template <int MR>
+__attribute__((noinline)) void micro_tile_wide(int64_t K, const float* A, int64_t rs_a, int64_t cs_a,
+                                               const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  static_assert(MR >= 1 && MR <= 6, "register block is at most 6 rows");
+  __m512 c[6][4];
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) c[i][v] = accumulate ? _mm512_loadu_ps(C + i * ldc + 16 * v) : _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 b[4];
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) b[v] = _mm512_loadu_ps(B + k * ldb + 16 * v);
+    const float* a = A + k * cs_a;
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      const __m512 x = _mm512_set1_ps(a[i * rs_a]);
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) c[i][v] = _mm512_fmadd_ps(x, b[v], c[i][v]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(C + i * ldc + 16 * v, c[i][v]);
+  }
+}
+#endif
+
 template <typename T>
 inline void gemm_tile_simd(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int64_t cs_a, const T* B,
                            int64_t ldb, T* C, int64_t ldc, bool accumulate) {
   constexpr int P = kPanel<T>;
   constexpr int MR = 6;
-  for (int64_t j = 0; j < N; j += P) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j + 2 * P <= N; j += 2 * P) {
+      int64_t i = 0;
+      for (; i + MR <= M; i += MR) {
+        micro_tile_wide<MR>(K, A + i * rs_a, rs_a, cs_a, B + j, ldb, C + i * ldc + j, ldc, accumulate);
+      }
+      const T* a = A + i * rs_a;
+      T* c = C + i * ldc + j;
+      switch (M - i) {
+        case 5: micro_tile_wide<5>(K, a, rs_a, cs_a, B + j, ldb, c, ldc, accumulate); break;
+        case 4: micro_tile_wide<4>(K, a, rs_a, cs_a, B + j, ldb, c, ldc, accumulate); break;
+        case 3: micro_tile_wide<3>(K, a, rs_a, cs_a, B + j, ldb, c, ldc, accumulate); break;
+        case 2: micro_tile_wide<2>(K, a, rs_a, cs_a, B + j, ldb, c, ldc, accumulate); break;
+        case 1: micro_tile_wide<1>(K, a, rs_a, cs_a, B + j, ldb, c, ldc, accumulate); break;
+        default: break;
+      }
+    }
+  }
+#endif
+  for (; j < N; j += P) {
     int64_t i = 0;
     for (; i + MR <= M; i += MR) {
       micro_tile<T, MR>(K, A + i * rs_a, rs_a, cs_a, B + j, ldb, C + i * ldc + j, ldc, accumulate);
