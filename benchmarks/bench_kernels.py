@@ -267,6 +267,12 @@ def run(size, *, seq_lens=None, head_dims=None, dtypes=None, causal=None, thread
         print("  -> SDPA-then-merge merges with backend='reference' (cpu merge missing): it is slower than "
               "it would be, so the resume ratio flatters the fused step")
 
+    peaks = cpu_peaks(cpu_status)
+    if peaks:
+        print(f"  this CPU's single-thread peak (ops.cpu.peak_gflops): fp32 FMA {peaks['fp32']:.1f} GFLOP/s"
+              + (f", bf16 dot products {peaks['bf16_dot']:.1f}" if peaks.get("bf16_dot") else "")
+              + f"; kernels: {peaks.get('kernel_info')}")
+
     rows, errors = [], []
     todo = plan(size, seq_lens, head_dims, dtypes, causal=causal, threads=threads)
     t_start = time.perf_counter()
@@ -283,6 +289,9 @@ def run(size, *, seq_lens=None, head_dims=None, dtypes=None, causal=None, thread
                                     repeats=p["repeats"], min_repeats=p["min_repeats"],
                                     budget_s=p["budget_s"])
                 extra = {}  # known only after timing, so the line is appended here rather than by measure()
+                peak = _peak_for(peaks, cfg)
+                if peak:
+                    extra["pct_of_peak"] = 100.0 * m.record["gflops_per_s"] / peak
                 if backend != "sdpa" and sdpa_time is not None:
                     extra["ratio_vs_sdpa"] = m.record["median_ms"] / sdpa_time
                     extra["max_abs_diff_vs_sdpa"] = _max_abs_diff(pick(m.output), sdpa_out)
@@ -308,7 +317,7 @@ def run(size, *, seq_lens=None, head_dims=None, dtypes=None, causal=None, thread
     results.append({"case": "summary", "config": {"size": size, "causal": causal, "threads": threads},
                     "elapsed_s": elapsed, "cpu_status": cpu_status, "targets": statuses["values"],
                     "target_cells": cells["cells"], "cells_met": cells["met"], "cells_measured": cells["measured"],
-                    "cells_total": len(cells["cells"]), "errors": errors})
+                    "cells_total": len(cells["cells"]), "errors": errors, "cpu_peaks": peaks})
     if plot and rows:
         many = len(threads) > 1
         path = harness.plot_lines(
@@ -325,6 +334,30 @@ def run(size, *, seq_lens=None, head_dims=None, dtypes=None, causal=None, thread
     return rows, statuses
 
 
+def cpu_peaks(cpu_status):
+    """This CPU's single-thread fp32 FMA and bf16 dot-product peaks (ops.cpu.peak_gflops), {} when the
+    cpu backend is missing. The yardstick says how much room is left: a kernel at 90% of peak
+    cannot get 1.25x faster by tuning."""
+    if cpu_status["forward"] is not None:
+        return {}
+    from longvila_engine.ops import cpu as cpu_ops
+
+    try:
+        return {"fp32": cpu_ops.peak_gflops("fp32"), "bf16_dot": cpu_ops.peak_gflops("bf16_dot"),
+                "kernel_info": cpu_ops.kernel_info()}
+    except (AttributeError, RuntimeError) as exc:  # an extension built before these operators
+        harness.note(f"  no peak measurement: {_reason(exc)}")
+        return {}
+
+
+def _peak_for(peaks, cfg):
+    """GFLOP/s ceiling of a row: threads x the single-thread peak of the instructions its dtype can use."""
+    if not peaks:
+        return None
+    one = peaks["bf16_dot"] if cfg["dtype"] == "bf16" and peaks.get("bf16_dot") else peaks["fp32"]
+    return one * cfg["threads"]
+
+
 def _print_rows(rows):
     shown = []
     for r in rows:
@@ -339,9 +372,11 @@ def _print_rows(rows):
         ("thr", "thr", "d"), ("S", "S", "d"),
         ("backend", "backend", ""), ("median ms", "median_ms", ".2f"), ("min-max ms", "spread", ""),
         ("n", "repeats", "d"), ("GFLOP/s", "gflops_per_s", ".1f"), ("tok/s", "tokens_per_s", ".0f"),
-        ("alloc MB", "peak_alloc_mb", ".1f"), ("RSS MB", "peak_rss_mb", ".1f"),
+        ("%peak", "pct_of_peak", ".0f"), ("alloc MB", "peak_alloc_mb", ".1f"), ("RSS MB", "peak_rss_mb", ".1f"),
         ("/sdpa", "ratio_vs_sdpa", ".3f"), ("max|diff|", "max_abs_diff_vs_sdpa", ".1e"),
-    ], title="median over repeats; thr = torch threads; /sdpa = time ratio to torch's CPU flash op in this run")
+    ], title="median over repeats; thr = torch threads; %peak = GFLOP/s over thr x this CPU's single-thread "
+             "FMA peak (fp32 rows) or bf16 dot-product peak (bf16 rows, where the CPU has them); "
+             "/sdpa = time ratio to torch's CPU flash op in this run")
 
 
 def _ratio_at(rows, case, want):

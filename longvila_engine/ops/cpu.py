@@ -41,3 +41,10 @@ def kernel_info() -> dict:
     the first call for the float32 route); vector_bits is fixed when the extension is built (setup.py
     compiles for the build machine's CPU)."""
     return dict(word.split("=", 1) for word in _ops().cpu_info().split())
+
+
+def peak_gflops(kind: str = "fp32") -> float:
+    """Single-thread arithmetic peak of this CPU in GFLOP/s, measured (about 0.1 s) by register-only
+    chains of the instructions the kernels use: kind 'fp32' (vector FMAs) or 'bf16_dot' (AVX512-BF16
+    pair dot products; 0.0 where unavailable). A yardstick for benchmark GFLOP/s, not a promise."""
+    return float(_ops().cpu_peak_gflops(kind))
