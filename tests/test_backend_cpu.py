@@ -373,3 +373,12 @@ def test_bf16_routes_both_meet_the_tolerance_rule(tmp_path):
             assert _err(g, leaf64.grad) <= 3 * _err(leaf_lowp.grad, leaf64.grad) + 1e-4, route
     same = torch.equal(results["default"]["out"], results["fp32"]["out"])
     assert same == (results["default"]["info"]["bf16_dot"] == "0")
+
+
+def test_peak_gflops_measures_and_rejects_unknown_kinds():
+    fp32 = cpu_backend.peak_gflops("fp32")
+    assert 1.0 < fp32 < 1e4  # GFLOP/s of one core: any real CPU lands far inside this range
+    bf16 = cpu_backend.peak_gflops("bf16_dot")
+    assert (bf16 > 0) == (cpu_backend.kernel_info()["bf16_dot"] == "1")
+    with pytest.raises(RuntimeError, match="kind must be"):
+        cpu_backend.peak_gflops("fp64")
