@@ -29,6 +29,11 @@ namespace {
 // were no faster, 48 slower.
 constexpr int64_t kBlockQ = 96;
 constexpr int64_t kBlockK = 96;
+// Key blocks per pass over the query tiles (see the item loop). With 2, a thread's key-side buffers
+// (K^T, V^T, K, dK, dV: about 240 KiB a block at D = 128) and tiles stay inside Zen 4's 1 MiB L2, and
+// the backward was 3-6% faster than with 1 (S 1K-16K, D 64/128, fp32 and bf16, 1-2 threads,
+// 2026-11-29); 4 was slower below S=16K.
+constexpr int64_t kGroup = 2;
 
 struct BwdItem {
   int64_t seg;
@@ -150,12 +155,14 @@ void attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
 
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<T> kt(kDot ? 0 : D * kBlockK), vt(kDot ? 0 : D * kBlockK), kn(kDot ? 0 : kBlockK * Dp),
-        dk_acc(kBlockK * Dp), dv_acc(kBlockK * Dp), s_buf(kBlockQ * kBlockK), dp_buf(kBlockQ * kBlockK), tmp(D);
+    constexpr int64_t G = kGroup;
+    std::vector<T> kt(kDot ? 0 : G * D * kBlockK), vt(kDot ? 0 : G * D * kBlockK), kn(kDot ? 0 : G * kBlockK * Dp),
+        dk_acc(G * kBlockK * Dp), dv_acc(G * kBlockK * Dp), s_buf(kBlockQ * kBlockK), dp_buf(kBlockQ * kBlockK),
+        tmp(D);
     // kDot: K^T and V^T (D2 x Bk words), K row pairs (Bk/2 x Dp); per tile the Q and dO row pairs
     // (Bq/2 x Dp), P and dS pair rows (Bq/2 x Bk: P^T, dS^T) and dS rows (Bq x Bk/2: dS).
-    std::vector<uint32_t> ktw(kDot ? D2 * kBlockK : 0), vtw(kDot ? D2 * kBlockK : 0),
-        knw(kDot ? kBlockK / 2 * Dp : 0), qpw(kDot ? kBlockQ / 2 * Dp : 0), dopw(kDot ? kBlockQ / 2 * Dp : 0),
+    std::vector<uint32_t> ktw(kDot ? G * D2 * kBlockK : 0), vtw(kDot ? G * D2 * kBlockK : 0),
+        knw(kDot ? G * kBlockK / 2 * Dp : 0), qpw(kDot ? kBlockQ / 2 * Dp : 0), dopw(kDot ? kBlockQ / 2 * Dp : 0),
         ptw(kDot ? kBlockQ / 2 * kBlockK : 0), dstw(kDot ? kBlockQ / 2 * kBlockK : 0),
         dsw(kDot ? kBlockQ * kBlockK / 2 : 0);
 #pragma omp for schedule(dynamic, 1)
@@ -164,100 +171,128 @@ void attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
       const Segment& sg = segs[item.seg];
       const int64_t hk = item.kv_head;
       const int64_t nkb = ceil_div(sg.k_len, kBlockK);
-      for (int64_t j = item.chunk; j < nkb; j += C) {
-        const int64_t cs = j * kBlockK;
-        const int64_t kc = std::min(kBlockK, sg.k_len - cs);
-        const int64_t k_off = ((sg.b * Sk + sg.k0 + cs) * Hk + hk) * D * es;
-        if constexpr (kDot) {
-          const auto* k16 = reinterpret_cast<const uint16_t*>(k_ptr + k_off);
-          pack_bf16_transposed(ktw.data(), kBlockK, k16, Hk * D, kc, D);
-          pack_bf16_transposed(vtw.data(), kBlockK, reinterpret_cast<const uint16_t*>(v_ptr + k_off), Hk * D, kc, D);
-          pack_bf16_row_pairs(knw.data(), Dp, k16, Hk * D, kc, D);
-        } else {
-          pack_transposed(kt.data(), kBlockK, k_ptr + k_off, kv_row_bytes, st, kc, D, tmp.data());
-          pack_transposed(vt.data(), kBlockK, v_ptr + k_off, kv_row_bytes, st, kc, D, tmp.data());
-          pack_rows(kn.data(), Dp, k_ptr + k_off, kv_row_bytes, st, kc, D);
+      // The item's key blocks go kGroup at a time: one pass over the query tiles serves every block of
+      // the group, so each Q, dO and dQ tile row is streamed once per group rather than once per block
+      // (at S=16K a head's Q/dO panels no longer fit in cache).
+      for (int64_t j0 = item.chunk; j0 < nkb; j0 += C * kGroup) {
+        const int64_t ng = std::min<int64_t>(kGroup, ceil_div(nkb - j0, C));
+        int64_t cs_g[kGroup], kc_g[kGroup];
+        for (int64_t g = 0; g < ng; ++g) {
+          const int64_t cs = (j0 + g * C) * kBlockK;
+          const int64_t kc = std::min(kBlockK, sg.k_len - cs);
+          cs_g[g] = cs;
+          kc_g[g] = kc;
+          const int64_t k_off = ((sg.b * Sk + sg.k0 + cs) * Hk + hk) * D * es;
+          if constexpr (kDot) {
+            const auto* k16 = reinterpret_cast<const uint16_t*>(k_ptr + k_off);
+            pack_bf16_transposed(ktw.data() + g * D2 * kBlockK, kBlockK, k16, Hk * D, kc, D);
+            pack_bf16_transposed(vtw.data() + g * D2 * kBlockK, kBlockK,
+                                 reinterpret_cast<const uint16_t*>(v_ptr + k_off), Hk * D, kc, D);
+            pack_bf16_row_pairs(knw.data() + g * kBlockK / 2 * Dp, Dp, k16, Hk * D, kc, D);
+          } else {
+            pack_transposed(kt.data() + g * D * kBlockK, kBlockK, k_ptr + k_off, kv_row_bytes, st, kc, D,
+                            tmp.data());
+            pack_transposed(vt.data() + g * D * kBlockK, kBlockK, v_ptr + k_off, kv_row_bytes, st, kc, D,
+                            tmp.data());
+            pack_rows(kn.data() + g * kBlockK * Dp, Dp, k_ptr + k_off, kv_row_bytes, st, kc, D);
+          }
+          std::fill_n(dk_acc.begin() + g * kBlockK * Dp, kc * Dp, T(0));
+          std::fill_n(dv_acc.begin() + g * kBlockK * Dp, kc * Dp, T(0));
         }
-        std::fill(dk_acc.begin(), dk_acc.begin() + kc * Dp, T(0));
-        std::fill(dv_acc.begin(), dv_acc.begin() + kc * Dp, T(0));
-        // Causal: rows before the block's first key see none of it, so the first tile starts there.
-        const int64_t r_begin = causal ? cs : 0;
+        // Causal: rows before the group's first key see none of it, so the first tile starts there
+        // (tiles and key blocks are both 96 long, so every block's diagonal tile starts at its first key).
+        const int64_t r_begin = causal ? cs_g[0] : 0;
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
           for (int64_t rs = r_begin; rs < sg.q_len; rs += kBlockQ) {
             const int64_t qc = std::min(kBlockQ, sg.q_len - rs);
-            const int64_t kv = causal ? std::min(kc, rs + qc - cs) : kc;  // keys some row here sees
-            const int64_t kvw = round_up(kv, P);
             const int64_t stat0 = (sg.b * H + h) * Sq + sg.q0 + rs;
             const T* qn = kDot ? nullptr : qp + stat0 * Dp;
             const T* don = kDot ? nullptr : dop + stat0 * Dp;
             T* dq_tile = dqp + item.chunk * B * H * panel + stat0 * Dp;
+            const int64_t q2 = ceil_div(qc, 2);
             if constexpr (kDot) {
+              // Q and dO row pairs of this tile (B of dK, dV), shared by the group's blocks.
+              pack_bf16_row_pairs(qpw.data(), Dp, reinterpret_cast<const uint16_t*>(qw + stat0 * D2), 2 * D2, qc, D);
+              pack_bf16_row_pairs(dopw.data(), Dp, reinterpret_cast<const uint16_t*>(dow + stat0 * D2), 2 * D2, qc,
+                                  D);
+            }
+            for (int64_t g = 0; g < ng; ++g) {
+              const int64_t cs = cs_g[g], kc = kc_g[g];
+              if (causal && rs + qc <= cs) continue;  // no row of this tile reaches block g
+              const int64_t kv = causal ? std::min(kc, rs + qc - cs) : kc;  // keys some row here sees
+              const int64_t kvw = round_up(kv, P);
+              T* dk_g = dk_acc.data() + g * kBlockK * Dp;
+              T* dv_g = dv_acc.data() + g * kBlockK * Dp;
+              if constexpr (kDot) {
 #if defined(LV_CPU_BF16_DOT)
-              gemm_tile_bf16(qc, kvw, D2, qw + stat0 * D2, D2, 1, ktw.data(), kBlockK, s_buf.data(), kBlockK, false);
-              gemm_tile_bf16(qc, kvw, D2, dow + stat0 * D2, D2, 1, vtw.data(), kBlockK, dp_buf.data(), kBlockK,
-                             false);
+                gemm_tile_bf16(qc, kvw, D2, qw + stat0 * D2, D2, 1, ktw.data() + g * D2 * kBlockK, kBlockK,
+                               s_buf.data(), kBlockK, false);
+                gemm_tile_bf16(qc, kvw, D2, dow + stat0 * D2, D2, 1, vtw.data() + g * D2 * kBlockK, kBlockK,
+                               dp_buf.data(), kBlockK, false);
 #endif
-            } else {
-              gemm_tile<T>(qc, kvw, D, qn, Dp, 1, kt.data(), kBlockK, s_buf.data(), kBlockK, false);
-              gemm_tile<T>(qc, kvw, D, don, Dp, 1, vt.data(), kBlockK, dp_buf.data(), kBlockK, false);
-            }
-            for (int64_t r = 0; r < qc; ++r) {
-              T* p_row = s_buf.data() + r * kBlockK;
-              T* ds_row = dp_buf.data() + r * kBlockK;
-              const int64_t nv = causal ? std::max<int64_t>(0, std::min(kv, rs + r - cs + 1)) : kv;
-              const T l2 = lse2[stat0 + r];
-              // A row with no visible key, or whose final lse says it saw none, has P = 0 (as the
-              // reference does for a non-finite lse).
-              const int64_t n = std::isfinite(l2) ? nv : 0;
-              row_exp2<T>(p_row, n, kvw, scale2, n > 0 ? l2 : T(0));
-              const Vec<T> dl = splat(delta[stat0 + r]);
-              const Vec<T> sc = splat(scale);
-              for (int64_t c = 0; c < kvw; c += W) {
-                storeu(ds_row + c, loadu(p_row + c) * (loadu(ds_row + c) - dl) * sc);
-              }
-            }
-            if constexpr (kDot) {
-#if defined(LV_CPU_BF16_DOT)
-              // Row pairs of this tile: P^T, dS^T (A of dV, dK) and Q, dO (their B); dS rows for dQ.
-              const int64_t q2 = ceil_div(qc, 2);
-              for (int64_t rr = 0; rr < q2; ++rr) {
-                const int64_t r0 = 2 * rr;
-                const bool two = r0 + 1 < qc;
-                pair_rows_bf16(ptw.data() + rr * kBlockK, s_buf.data() + r0 * kBlockK,
-                               two ? s_buf.data() + (r0 + 1) * kBlockK : nullptr, kvw);
-                pair_rows_bf16(dstw.data() + rr * kBlockK, dp_buf.data() + r0 * kBlockK,
-                               two ? dp_buf.data() + (r0 + 1) * kBlockK : nullptr, kvw);
+              } else {
+                gemm_tile<T>(qc, kvw, D, qn, Dp, 1, kt.data() + g * D * kBlockK, kBlockK, s_buf.data(), kBlockK,
+                             false);
+                gemm_tile<T>(qc, kvw, D, don, Dp, 1, vt.data() + g * D * kBlockK, kBlockK, dp_buf.data(), kBlockK,
+                             false);
               }
               for (int64_t r = 0; r < qc; ++r) {
-                round_row_bf16(dsw.data() + r * kBlockK / 2, dp_buf.data() + r * kBlockK, kvw);
+                T* p_row = s_buf.data() + r * kBlockK;
+                T* ds_row = dp_buf.data() + r * kBlockK;
+                const int64_t nv = causal ? std::max<int64_t>(0, std::min(kv, rs + r - cs + 1)) : kv;
+                const T l2 = lse2[stat0 + r];
+                // A row with no visible key, or whose final lse says it saw none, has P = 0 (as the
+                // reference does for a non-finite lse).
+                const int64_t n = std::isfinite(l2) ? nv : 0;
+                row_exp2<T>(p_row, n, kvw, scale2, n > 0 ? l2 : T(0));
+                const Vec<T> dl = splat(delta[stat0 + r]);
+                const Vec<T> sc = splat(scale);
+                for (int64_t c = 0; c < kvw; c += W) {
+                  storeu(ds_row + c, loadu(p_row + c) * (loadu(ds_row + c) - dl) * sc);
+                }
               }
-              const auto* q16 = reinterpret_cast<const uint16_t*>(qw + stat0 * D2);
-              const auto* do16 = reinterpret_cast<const uint16_t*>(dow + stat0 * D2);
-              pack_bf16_row_pairs(qpw.data(), Dp, q16, 2 * D2, qc, D);
-              pack_bf16_row_pairs(dopw.data(), Dp, do16, 2 * D2, qc, D);
-              gemm_tile_bf16(kv, Dp, q2, ptw.data(), 1, kBlockK, dopw.data(), Dp, dv_acc.data(), Dp, true);
-              gemm_tile_bf16(kv, Dp, q2, dstw.data(), 1, kBlockK, qpw.data(), Dp, dk_acc.data(), Dp, true);
-              gemm_tile_bf16(qc, Dp, ceil_div(kv, 2), dsw.data(), kBlockK / 2, 1, knw.data(), Dp, dq_tile, Dp, true);
+              if constexpr (kDot) {
+#if defined(LV_CPU_BF16_DOT)
+                // Pair rows of P and dS (P^T, dS^T: A of dV, dK); dS rows for dQ.
+                for (int64_t rr = 0; rr < q2; ++rr) {
+                  const int64_t r0 = 2 * rr;
+                  const bool two = r0 + 1 < qc;
+                  pair_rows_bf16(ptw.data() + rr * kBlockK, s_buf.data() + r0 * kBlockK,
+                                 two ? s_buf.data() + (r0 + 1) * kBlockK : nullptr, kvw);
+                  pair_rows_bf16(dstw.data() + rr * kBlockK, dp_buf.data() + r0 * kBlockK,
+                                 two ? dp_buf.data() + (r0 + 1) * kBlockK : nullptr, kvw);
+                }
+                for (int64_t r = 0; r < qc; ++r) {
+                  round_row_bf16(dsw.data() + r * kBlockK / 2, dp_buf.data() + r * kBlockK, kvw);
+                }
+                gemm_tile_bf16(kv, Dp, q2, ptw.data(), 1, kBlockK, dopw.data(), Dp, dv_g, Dp, true);
+                gemm_tile_bf16(kv, Dp, q2, dstw.data(), 1, kBlockK, qpw.data(), Dp, dk_g, Dp, true);
+                gemm_tile_bf16(qc, Dp, ceil_div(kv, 2), dsw.data(), kBlockK / 2, 1,
+                               knw.data() + g * kBlockK / 2 * Dp, Dp, dq_tile, Dp, true);
 #endif
-            } else {
-              gemm_tile<T>(kv, Dp, qc, s_buf.data(), 1, kBlockK, don, Dp, dv_acc.data(), Dp, true);
-              gemm_tile<T>(kv, Dp, qc, dp_buf.data(), 1, kBlockK, qn, Dp, dk_acc.data(), Dp, true);
-              gemm_tile<T>(qc, Dp, kv, dp_buf.data(), kBlockK, 1, kn.data(), Dp, dq_tile, Dp, true);
+              } else {
+                gemm_tile<T>(kv, Dp, qc, s_buf.data(), 1, kBlockK, don, Dp, dv_g, Dp, true);
+                gemm_tile<T>(kv, Dp, qc, dp_buf.data(), 1, kBlockK, qn, Dp, dk_g, Dp, true);
+                gemm_tile<T>(qc, Dp, kv, dp_buf.data(), kBlockK, 1, kn.data() + g * kBlockK * Dp, Dp, dq_tile, Dp,
+                             true);
+              }
             }
           }
         }
-        for (int64_t r = 0; r < kc; ++r) {
-          const int64_t off = ((sg.b * Sk + sg.k0 + cs + r) * Hk + hk) * D;
-          const T* gk = dk_acc.data() + r * Dp;
-          const T* gv = dv_acc.data() + r * Dp;
-          if (accumulate) {
-            for (int64_t d = 0; d < D; ++d) {
-              dk_ptr[off + d] += gk[d];
-              dv_ptr[off + d] += gv[d];
+        for (int64_t g = 0; g < ng; ++g) {
+          for (int64_t r = 0; r < kc_g[g]; ++r) {
+            const int64_t off = ((sg.b * Sk + sg.k0 + cs_g[g] + r) * Hk + hk) * D;
+            const T* gk = dk_acc.data() + (g * kBlockK + r) * Dp;
+            const T* gv = dv_acc.data() + (g * kBlockK + r) * Dp;
+            if (accumulate) {
+              for (int64_t d = 0; d < D; ++d) {
+                dk_ptr[off + d] += gk[d];
+                dv_ptr[off + d] += gv[d];
+              }
+            } else {
+              std::copy(gk, gk + D, dk_ptr + off);
+              std::copy(gv, gv + D, dv_ptr + off);
             }
-          } else {
-            std::copy(gk, gk + D, dk_ptr + off);
-            std::copy(gv, gv + D, dv_ptr + off);
           }
         }
       }
