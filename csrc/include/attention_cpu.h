@@ -17,6 +17,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX__)
@@ -202,6 +203,22 @@ __attribute__((noinline)) void micro_tile(int64_t K, const T* A, int64_t rs_a, i
   if constexpr (MR > 5) { storeu(C + 5 * ldc, c50); storeu(C + 5 * ldc + W, c51); }
 }
 
+// Runs strip(std::integral_constant<int, MR>, i) over the row strips of an M-row tile: 6-row strips,
+// then one strip of the 1-5 rows left, so every micro-kernel is instantiated for a fixed row count.
+template <typename F>
+inline void over_row_strips(int64_t M, F&& strip) {
+  int64_t i = 0;
+  for (; i + 6 <= M; i += 6) strip(std::integral_constant<int, 6>{}, i);
+  switch (M - i) {
+    case 5: strip(std::integral_constant<int, 5>{}, i); break;
+    case 4: strip(std::integral_constant<int, 4>{}, i); break;
+    case 3: strip(std::integral_constant<int, 3>{}, i); break;
+    case 2: strip(std::integral_constant<int, 2>{}, i); break;
+    case 1: strip(std::integral_constant<int, 1>{}, i); break;
+    default: break;
+  }
+}
+
 #if defined(__AVX512F__)
 // With AVX-512's 32 registers the float block can be 6 rows x 4 vectors (64 columns): 24
 // accumulators + 4 B vectors + 1 broadcast, 4 B loads and 6 broadcasts per 24 FMAs instead of 2 and 6
@@ -241,43 +258,21 @@ template <typename T>
 inline void gemm_tile_simd(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a, int64_t cs_a, const T* B,
                            int64_t ldb, T* C, int64_t ldc, bool accumulate) {
   constexpr int P = kPanel<T>;
-  constexpr int MR = 6;
   int64_t j = 0;
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>) {
     for (; j + 2 * P <= N; j += 2 * P) {
-      int64_t i = 0;
-      for (; i + MR <= M; i += MR) {
-        micro_tile_wide<MR>(K, A + i * rs_a, rs_a, cs_a, B + j, ldb, C + i * ldc + j, ldc, accumulate);
-      }
-      const T* a = A + i * rs_a;
-      T* c = C + i * ldc + j;
-      switch (M - i) {
-        case 5: micro_tile_wide<5>(K, a, rs_a, cs_a, B + j, ldb, c, ldc, accumulate); break;
-        case 4: micro_tile_wide<4>(K, a, rs_a, cs_a, B + j, ldb, c, ldc, accumulate); break;
-        case 3: micro_tile_wide<3>(K, a, rs_a, cs_a, B + j, ldb, c, ldc, accumulate); break;
-        case 2: micro_tile_wide<2>(K, a, rs_a, cs_a, B + j, ldb, c, ldc, accumulate); break;
-        case 1: micro_tile_wide<1>(K, a, rs_a, cs_a, B + j, ldb, c, ldc, accumulate); break;
-        default: break;
-      }
+      over_row_strips(M, [&](auto mr, int64_t i) {
+        micro_tile_wide<decltype(mr)::value>(K, A + i * rs_a, rs_a, cs_a, B + j, ldb, C + i * ldc + j, ldc,
+                                             accumulate);
+      });
     }
   }
 #endif
   for (; j < N; j += P) {
-    int64_t i = 0;
-    for (; i + MR <= M; i += MR) {
-      micro_tile<T, MR>(K, A + i * rs_a, rs_a, cs_a, B + j, ldb, C + i * ldc + j, ldc, accumulate);
-    }
-    const T* a = A + i * rs_a;
-    T* c = C + i * ldc + j;
-    switch (M - i) {
-      case 5: micro_tile<T, 5>(K, a, rs_a, cs_a, B + j, ldb, c, ldc, accumulate); break;
-      case 4: micro_tile<T, 4>(K, a, rs_a, cs_a, B + j, ldb, c, ldc, accumulate); break;
-      case 3: micro_tile<T, 3>(K, a, rs_a, cs_a, B + j, ldb, c, ldc, accumulate); break;
-      case 2: micro_tile<T, 2>(K, a, rs_a, cs_a, B + j, ldb, c, ldc, accumulate); break;
-      case 1: micro_tile<T, 1>(K, a, rs_a, cs_a, B + j, ldb, c, ldc, accumulate); break;
-      default: break;
-    }
+    over_row_strips(M, [&](auto mr, int64_t i) {
+      micro_tile<T, decltype(mr)::value>(K, A + i * rs_a, rs_a, cs_a, B + j, ldb, C + i * ldc + j, ldc, accumulate);
+    });
   }
 }
 
@@ -369,20 +364,10 @@ inline void gemm_tile_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, 
                            const uint32_t* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   constexpr int P = kPanel<float>;
   for (int64_t j = 0; j < N; j += P) {
-    int64_t i = 0;
-    for (; i + 6 <= M; i += 6) {
-      micro_tile_bf16<6>(K2, A + i * rs_a, rs_a, cs_a, B + j, ldb, C + i * ldc + j, ldc, accumulate);
-    }
-    const uint32_t* a = A + i * rs_a;
-    float* c = C + i * ldc + j;
-    switch (M - i) {
-      case 5: micro_tile_bf16<5>(K2, a, rs_a, cs_a, B + j, ldb, c, ldc, accumulate); break;
-      case 4: micro_tile_bf16<4>(K2, a, rs_a, cs_a, B + j, ldb, c, ldc, accumulate); break;
-      case 3: micro_tile_bf16<3>(K2, a, rs_a, cs_a, B + j, ldb, c, ldc, accumulate); break;
-      case 2: micro_tile_bf16<2>(K2, a, rs_a, cs_a, B + j, ldb, c, ldc, accumulate); break;
-      case 1: micro_tile_bf16<1>(K2, a, rs_a, cs_a, B + j, ldb, c, ldc, accumulate); break;
-      default: break;
-    }
+    over_row_strips(M, [&](auto mr, int64_t i) {
+      micro_tile_bf16<decltype(mr)::value>(K2, A + i * rs_a, rs_a, cs_a, B + j, ldb, C + i * ldc + j, ldc,
+                                           accumulate);
+    });
   }
 }
 
