@@ -32,7 +32,8 @@ bool gemm_use_blas() {
 }
 
 // bf16 inputs take the pair-dot-product GEMMs when the build has them and the CPU runs them (the
-// build targets the machine it is built on, but a copied build may land on an older CPU), unless
+// build targets the machine it is built on; a build moved to an AVX-512 CPU without AVX512-BF16 takes
+// the float32 route), unless
 // LONGVILA_CPU_BF16=fp32 asks for the float32 route (both are held to the same tolerance rule).
 bool bf16_dot_enabled() {
 #if defined(LV_CPU_BF16_DOT)
