@@ -19,6 +19,8 @@ import sys
 HOST_ONLY = {
     "longvila_engine::attn_fwd": "CUDA tensors use the triton or aten backend",
     "longvila_engine::attn_bwd": "CUDA tensors use the triton or aten backend",
+    "longvila_engine::cpu_info": "a host query about the CPU kernels (no tensor arguments)",
+    "longvila_engine::cpu_peak_gflops": "a host measurement of the CPU's peak (no tensor arguments)",
 }
 KEYS = ("CPU", "CUDA", "Meta")
 
