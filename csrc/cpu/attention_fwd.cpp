@@ -73,7 +73,7 @@ namespace {
 // 192 query rows = 32 micro-kernel strips of 6: each packed K^T/V block serves twice the rows of 96,
 // about 5% faster (fp32, S=4096, 1 thread, 2026-11-29; 288 and 384 were no faster). 128 keys
 // amortise the P*V accumulator traffic. A thread's working set (Q, S, O tiles and one packed K^T/V
-// block: about 350 KiB at D = 128) stays within a 1 MiB L2.
+// block: about 420 KiB at D = 128) stays within a 1 MiB L2.
 constexpr int64_t kBlockQ = 192;
 constexpr int64_t kBlockK = 128;
 
