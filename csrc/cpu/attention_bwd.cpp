@@ -17,7 +17,7 @@
 #include <omp.h>
 #include <torch/library.h>
 
-#include "attention_cpu.h"
+#include "attention_cpu_bf16.h"
 
 namespace lv {
 namespace cpu {
@@ -51,7 +51,7 @@ int64_t choose_chunks(int64_t units, int64_t max_kblocks, int64_t nthreads) {
 }
 
 // kDot (T = float, bf16 q/k/v/dout, built with AVX512-BF16): the five GEMMs take bf16 operands through
-// pair dot products (attention_cpu.h). Q, dO, K^T, V^T and K are bf16 words (exact copies of the
+// pair dot products (attention_cpu_bf16.h). Q, dO, K^T, V^T and K are bf16 words (exact copies of the
 // inputs); P and dS are rounded to bf16 after the float32 softmax algebra, as on GPUs. Their
 // transposes need no copy: a pair row (x[2rr][key], x[2rr+1][key]) read with rs_a = 1 serves dV and dK.
 template <typename T, bool kDot>
@@ -88,10 +88,10 @@ void attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
   const int64_t wpanel = Sq * D2;
   at::Tensor work = at::empty({std::max<int64_t>(kDot ? 1 : 2 * B * H * panel, 1)}, dq.options());
   at::Tensor work_w = at::empty({std::max<int64_t>(kDot ? 2 * B * H * wpanel : 1, 1)}, dq.options().dtype(at::kInt));
-  T* qp = work.data_ptr<T>();
-  T* dop = qp + B * H * panel;
-  uint32_t* qw = reinterpret_cast<uint32_t*>(work_w.data_ptr<int32_t>());
-  uint32_t* dow = qw + B * H * wpanel;
+  T* qp = kDot ? nullptr : work.data_ptr<T>();
+  T* dop = kDot ? nullptr : qp + B * H * panel;
+  uint32_t* qw = kDot ? reinterpret_cast<uint32_t*>(work_w.data_ptr<int32_t>()) : nullptr;
+  uint32_t* dow = kDot ? qw + B * H * wpanel : nullptr;
   std::vector<T> delta(B * H * Sq), lse2(B * H * Sq);
   const at::ScalarType do_st = dout.scalar_type(), o_st = out.scalar_type();
 #pragma omp parallel num_threads(nthreads)

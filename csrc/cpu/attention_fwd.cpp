@@ -16,7 +16,7 @@
 #include <string>
 #include <torch/library.h>
 
-#include "attention_cpu.h"
+#include "attention_cpu_bf16.h"
 #include "lv_math.h"
 
 namespace lv {
@@ -85,7 +85,7 @@ struct FwdItem {
 };
 
 // kDot (T = float, bf16 q/k/v, built with AVX512-BF16): the two GEMMs take bf16 operands through pair
-// dot products (attention_cpu.h): Q, K^T and V packed as bf16 words, P rounded to bf16 for P*V. The
+// dot products (attention_cpu_bf16.h): Q, K^T and V packed as bf16 words, P rounded to bf16 for P*V. The
 // softmax, the running (max, sum, out) and the output stay float32.
 template <typename T, bool kDot>
 void attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,

@@ -8,7 +8,7 @@
 #include <chrono>
 #include <string>
 
-#include "attention_cpu.h"
+#include "attention_cpu_bf16.h"
 
 namespace lv {
 namespace cpu {
