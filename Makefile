@@ -130,4 +130,4 @@ bench-kernels: build
 	$(VPY) benchmarks/bench_kernels.py
 
 clean:
-	rm -rf build *.egg-info longvila_engine/*.so
+	rm -rf build *.egg-info longvila_engine/*.so longvila_engine/*.so.requires

@@ -1,5 +1,8 @@
 // Declares every longvila_engine operator once. Implementations live per device in
 // csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(longvila_engine, CPU, m)) and csrc/cuda/*.cpp (CUDA).
+// This file is compiled for baseline x86-64 (no -march/-m flag, setup.py) so that it loads on any CPU;
+// the CPU kernels are separate libraries, one per instruction set, and longvila_engine/_extension.py
+// loads the one this CPU runs, asking cpu_supports below which features it has.
 // Fake (meta) implementations are registered from Python (longvila_engine/ops/_fake.py).
 //
 // Shapes (B batch, S sequence, H query heads, Hk key/value heads, D head dim):
@@ -9,6 +12,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
 extern "C" {
 // The module only carries the operator registrations; importing it runs the static registrars.
 PyObject* PyInit__C(void) {
@@ -17,7 +22,40 @@ PyObject* PyInit__C(void) {
 }
 }
 
+namespace {
+
+// Whether this CPU (and the OS, which must save the wider registers) supports `feature`, one of the
+// names of longvila_engine/_cpu_isa.py. __builtin_cpu_supports takes only string literals, hence the
+// table. Unknown names are an error, not a "no": a typo must not silently demote the kernels.
+bool cpu_supports(const std::string& feature) {
+  __builtin_cpu_init();
+#define LV_FEATURE(name) \
+  if (feature == name) return __builtin_cpu_supports(name) != 0;
+  LV_FEATURE("avx2")
+  LV_FEATURE("fma")
+  LV_FEATURE("f16c")
+  LV_FEATURE("bmi")
+  LV_FEATURE("bmi2")
+  LV_FEATURE("lzcnt")
+  LV_FEATURE("popcnt")
+  LV_FEATURE("avx512f")
+  LV_FEATURE("avx512bw")
+  LV_FEATURE("avx512vl")
+  LV_FEATURE("avx512dq")
+  LV_FEATURE("avx512cd")
+  LV_FEATURE("avx512bf16")
+#undef LV_FEATURE
+  TORCH_CHECK(false, "cpu_supports: unknown feature '", feature,
+              "'; known: avx2 fma f16c bmi bmi2 lzcnt popcnt avx512f avx512bw avx512vl avx512dq avx512cd "
+              "avx512bf16 (add a name to csrc/ops.cpp and longvila_engine/_cpu_isa.py together)");
+  return false;
+}
+
+}  // namespace
+
 TORCH_LIBRARY(longvila_engine, m) {
+  // Host query, no tensors: does this CPU run instructions of `feature` (e.g. "avx512bf16")?
+  m.def("cpu_supports(str feature) -> bool", &cpu_supports);
   // Block forward. resume=false: out/lse are overwritten with this block's result.
   // resume=true: the block's result is merged into the running (out, lse) in place:
   //   lse' = logaddexp(lse, lse_b); out' = out*exp(lse-lse') + out_b*exp(lse_b-lse').

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make cuda-build`: builds the WHOLE extension (C++ CPU ops + CUDA kernels + csrc/cuda/bindings.cpp)
-# against a CUDA torch with nvcc, imports it on this machine (no GPU needed), and checks that every
+# `make cuda-build`: builds the WHOLE extension (_C: schemas + CUDA kernels + csrc/cuda/bindings.cpp;
+# the CPU kernel libraries _cpu_<isa>*.so, one per instruction-set variant) against a CUDA torch with nvcc, imports it on this machine (no GPU needed), and checks that every
 # operator has a CUDA kernel registered, except those that are served on CUDA by Triton/aten instead.
 #
 # The CUDA torch lives in its own venv (build/cuda-venv, about 4.7 GB), never in .venv, so the CPU
@@ -71,7 +71,7 @@ if [[ -z "$torch_cuda" ]]; then
   exit 1
 fi
 
-echo "cuda-build: building longvila_engine._C against torch $("$VPY" -c 'import torch; print(torch.__version__)')"
+echo "cuda-build: building longvila_engine._C and the CPU kernel variants against torch $("$VPY" -c 'import torch; print(torch.__version__)')"
 mkdir -p "$LIB_DIR" "$TMP_DIR"
 log="$TMP_DIR/build.log"
 # --force: distutils would skip on source timestamps alone and miss header edits; ninja still rebuilds
@@ -84,6 +84,6 @@ fi
 grep -q "LONGVILA_WITH_CUDA" "$TMP_DIR/build.ninja" || { echo "cuda-build: FAILED, setup.py built without CUDA (see $log)"; exit 1; }
 
 # Import through the package's own loader: a copy of the Python sources next to the CUDA .so.
-tar --exclude='*.so' --exclude=__pycache__ -cf - longvila_engine | tar -xf - -C "$LIB_DIR"
+tar --exclude='*.so' --exclude='*.so.requires' --exclude=__pycache__ -cf - longvila_engine | tar -xf - -C "$LIB_DIR"
 PYTHONPATH="$LIB_DIR" "$VPY" scripts/cuda_build_check.py --json build/cuda-build.json
 echo "cuda-build: ok in $(( $(date +%s) - start )) s"

@@ -3,7 +3,8 @@
 Imports the extension through the package's own loader (with the CUDA .so on PYTHONPATH), lists every
 `longvila_engine::` operator with the dispatch keys that have a kernel, and fails unless each operator
 has a CUDA kernel, except those served on CUDA tensors by another backend (HOST_ONLY below). It also
-runs the CPU operators once against the reference, since the CUDA build carries the CPU kernels too.
+runs the CPU operators once against the reference, since the CUDA build carries the CPU kernels too
+(the instruction-set variants next to _C, one loaded by the package's loader).
 Nothing here launches a CUDA kernel.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ HOST_ONLY = {
     "longvila_engine::attn_bwd": "CUDA tensors use the triton or aten backend",
     "longvila_engine::cpu_info": "a host query about the CPU kernels (no tensor arguments)",
     "longvila_engine::cpu_peak_gflops": "a host measurement of the CPU's peak (no tensor arguments)",
+    "longvila_engine::cpu_supports": "a host query about the CPU's instruction sets (no tensor arguments)",
 }
 KEYS = ("CPU", "CUDA", "Meta")
 
@@ -50,7 +52,12 @@ def main(argv=None) -> int:
         if not has["CUDA"] and not note:
             missing.append(op)
         table.append({"op": op, **has, "note": note})
+    from longvila_engine.ops import cpu as cpu_ops
+
+    isa = cpu_ops.kernel_info().get("isa")
     print(f"cuda-build: {ext.__file__}")
+    built = list(_extension.built_variants(os.path.dirname(ext.__file__)))
+    print(f"cuda-build: CPU kernels: variant {isa} loaded, built: {built}")
     print(f"cuda-build: torch {torch.__version__} (CUDA {torch.version.cuda}), "
           f"GPU visible: {torch.cuda.is_available()}")
     print(f"{'operator':34} {'CPU':5} {'CUDA':5} note")
@@ -72,7 +79,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-                       "extension": ext.__file__, "ops": table, "missing_cuda": missing,
+                       "extension": ext.__file__, "cpu_isa": isa, "ops": table, "missing_cuda": missing,
                        "cpu_roundtrip": cpu_ok, "ok": ok}, f, indent=1)
     if missing:
         print(f"cuda-build: FAILED, no CUDA kernel for {', '.join(missing)}")

@@ -25,6 +25,7 @@ fi
 TREE=build/cuda-tree
 rm -rf "$TREE" && mkdir -p "$TREE"
 git ls-files -z | xargs -0 cp --parents -t "$TREE"
-cp "$SO" "$TREE/longvila_engine/"
+# _C and the CPU kernel variants (_cpu_<isa>*.so, with a native build's .requires list).
+cp build/cuda-ext/longvila_engine/*.so* "$TREE/longvila_engine/"
 cd "$TREE"
 exec "$VPY" scripts/gpu_check.py --out "$ROOT/benchmarks/results/gpu_check" "$@"

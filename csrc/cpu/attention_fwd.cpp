@@ -65,6 +65,16 @@ std::string cpu_info() {
 #endif
   info += std::string(" bf16_dot=") + (bf16_dot_enabled() ? "1" : "0");
   info += std::string(" gemm=") + (gemm_use_blas() ? "blas" : "micro_kernel");
+  // The instruction-set variant of this library (setup.py passes it as a bare word to stringize).
+#define LV_ISA_STR2(x) #x
+#define LV_ISA_STR(x) LV_ISA_STR2(x)
+#if defined(LV_CPU_ISA)
+  info += " isa=" LV_ISA_STR(LV_CPU_ISA);
+#else
+  info += " isa=unknown";
+#endif
+#undef LV_ISA_STR
+#undef LV_ISA_STR2
   return info;
 }
 

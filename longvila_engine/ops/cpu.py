@@ -35,11 +35,13 @@ def varlen_index(cu_seqlens, total):
 
 
 def kernel_info() -> dict:
-    """What the C++ CPU kernels of this build run on this machine, e.g. {'vector_bits': '512',
-    'fp32_block': '6x64', 'bf16_dot_built': '1', 'bf16_dot': '1', 'gemm': 'micro_kernel'}.
-    bf16_dot: bf16 inputs go through AVX512-BF16 pair dot products (set LONGVILA_CPU_BF16=fp32 before
-    the first call for the float32 route); vector_bits is fixed when the extension is built (setup.py
-    compiles for the build machine's CPU)."""
+    """What the C++ CPU kernels loaded in this process run on this machine, e.g. {'vector_bits': '512',
+    'fp32_block': '6x64', 'bf16_dot_built': '1', 'bf16_dot': '1', 'gemm': 'micro_kernel',
+    'isa': 'avx512bf16'}.
+    isa: the instruction-set variant of the kernel library the loader chose (the best one built that
+    this CPU runs, or LONGVILA_CPU_ISA's; longvila_engine/_extension.py); vector_bits and
+    bf16_dot_built follow from it. bf16_dot: bf16 inputs go through AVX512-BF16 pair dot products (set
+    LONGVILA_CPU_BF16=fp32 before the first call for the float32 route)."""
     return dict(word.split("=", 1) for word in _ops().cpu_info().split())
 
 
