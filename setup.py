@@ -128,5 +128,24 @@ class Build(BuildExtension.with_options(use_ninja=True)):
                 fh.write(" ".join(native_features()) + "\n")
         return None
 
+    # The native feature list travels with its library: --inplace copies, editable installs, outputs.
+    def _requires_pairs(self):
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            if variant_of.get(ext.name) == "native":
+                inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+                yield regular_file + isa.NATIVE_REQUIRES_SUFFIX, inplace_file + isa.NATIVE_REQUIRES_SUFFIX
+
+    def copy_extensions_to_source(self):
+        super().copy_extensions_to_source()
+        for regular, inplace in self._requires_pairs():
+            self.copy_file(regular, inplace, level=self.verbose)
+
+    def get_outputs(self):
+        return [*super().get_outputs(), *(regular for regular, _ in self._requires_pairs())]
+
+    def get_output_mapping(self):
+        return {**super().get_output_mapping(), **dict(self._requires_pairs())}
+
 
 setup(ext_modules=[core, *kernels], cmdclass={"build_ext": Build})
