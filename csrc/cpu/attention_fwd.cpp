@@ -233,7 +233,8 @@ void attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
             T* o = o_buf.data() + r * Dp;
             for (int64_t d = 0; d < Dp; d += W) storeu(o + d, loadu(o + d) * va);
           }
-          l_vec[r] += row_exp2<T>(row, nv, round_up(kv, P), scale2, m_new);
+          // x = S*scale - m <= 0: exp2 without the cap at 127.
+          l_vec[r] += row_exp2<T, false>(row, nv, round_up(kv, P), scale2, m_new);
 #if defined(LV_CPU_BF16_DOT)
           if constexpr (kDot) round_row_bf16(p_w.data() + r * kBlockK / 2, row, round_up(kv, P));
 #endif

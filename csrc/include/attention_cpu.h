@@ -383,18 +383,21 @@ inline void gemm_tile_causal(Causal kind, int64_t off, int64_t M, int64_t N, int
 }
 
 // ---------------------------------------------------------------------------------------------
-// exp2 on a vector. float: 2^x = 2^n * 2^f with n = round(x), |f| <= 1/2, and 2^f from its Taylor
-// series in f*ln2 to degree 7 (truncation error < 6e-9 relative, below float rounding). Inputs are
-// clamped at -126, so anything smaller (-inf included) gives 2^-126 instead of a subnormal or 0:
-// the callers only pass x = score - (row max or lse) for visible keys, and such a term is < 1e-37
-// of the row's largest one; masked lanes are zeroed by the callers, not here. double: libm,
-// because float64 results are held to 1e-10 and that path is not the one tuned for speed.
+// exp2 on a vector. float: 2^x = 2^n * 2^f with n = round(x), |f| <= 1/2, and 2^f from a degree-6
+// polynomial (below). Inputs are clamped at -126, so anything smaller (-inf included) gives 2^-126
+// instead of a subnormal (slow on some CPUs) or 0: the callers only pass x = score - (row max or
+// lse) for visible keys, and such a term is < 1e-37 of the row's largest one; masked lanes are
+// zeroed by the callers, not here. kCapHigh = false drops the cap at 127 where x <= 0 holds (the
+// forward subtracts the running row max). double: libm, because float64 results are held to 1e-10
+// and that path is not the one tuned for speed.
+template <bool kCapHigh = true>
 inline Vec<float> exp2v(Vec<float> x) {
   using V = Vec<float>;
-  const V lo = splat(-126.0f);
-  const V hi = splat(127.0f);  // never reached by consistent (score, lse); keeps an inconsistent one finite
-  x = x > lo ? x : lo;  // vmaxps
-  x = x < hi ? x : hi;  // vminps
+  x = x > splat(-126.0f) ? x : splat(-126.0f);  // vmaxps
+  if constexpr (kCapHigh) {
+    // Never reached by a consistent (score, lse); keeps an inconsistent one finite.
+    x = x < splat(127.0f) ? x : splat(127.0f);  // vminps
+  }
 #if defined(__AVX512F__)
   // n = round(x) in one instruction, and 2^n * p in one (vscalefps): 4 vector ops fewer per 16
   // lanes than the integer route below.
@@ -407,13 +410,14 @@ inline Vec<float> exp2v(Vec<float> x) {
   const V t = x + magic;
   const V f = x - (t - magic);
 #endif
-  V p = splat(1.5252733804059838e-05f);
-  p = fmadd(p, f, splat(1.5403530393381606e-04f));
-  p = fmadd(p, f, splat(1.3333558146428441e-03f));
-  p = fmadd(p, f, splat(9.618129107628477e-03f));
-  p = fmadd(p, f, splat(5.5504108664821576e-02f));
-  p = fmadd(p, f, splat(2.402265069591007e-01f));
-  p = fmadd(p, f, splat(6.931471805599453e-01f));
+  // Degree 6, coefficients fitted for least maximum relative error on [-1/2, 1/2] (2e-9, below
+  // float rounding; the Taylor series needs degree 7 for that).
+  V p = splat(1.5353360544960603e-04f);
+  p = fmadd(p, f, splat(1.3398874534212351e-03f));
+  p = fmadd(p, f, splat(9.6184373640906e-03f));
+  p = fmadd(p, f, splat(5.55033247075884e-02f));
+  p = fmadd(p, f, splat(2.4022647913555023e-01f));
+  p = fmadd(p, f, splat(6.931472028552755e-01f));
   p = fmadd(p, f, splat(1.0f));
 #if defined(__AVX512F__)
   return (V)_mm512_scalef_ps((__m512)p, (__m512)n);
@@ -421,6 +425,7 @@ inline Vec<float> exp2v(Vec<float> x) {
   return (V)((I)p + (((I)t - (I)magic) << 23));
 #endif
 }
+template <bool kCapHigh = true>
 inline Vec<double> exp2v(Vec<double> x) {
   Vec<double> r;
   for (int i = 0; i < kWidth<double>; ++i) r[i] = std::exp2(x[i]);
@@ -460,7 +465,7 @@ inline T row_max_scaled(const T* s, int64_t n, T scale) {
 // In place p[c] = exp2(s[c]*scale - sub) for c < n and 0 for n <= c < n_zero (n_zero a multiple of
 // the vector width, within the row's padding); returns the lane-wise sum of p over c < n (the
 // forward keeps it per row as a vector and reduces it once, after the last key block).
-template <typename T>
+template <typename T, bool kCapHigh = true>
 inline Vec<T> row_exp2(T* s, int64_t n, int64_t n_zero, T scale, T sub) {
   constexpr int W = kWidth<T>;
   const Vec<T> vs = splat(scale);
@@ -468,13 +473,13 @@ inline Vec<T> row_exp2(T* s, int64_t n, int64_t n_zero, T scale, T sub) {
   Vec<T> acc{};
   int64_t c = 0;
   for (; c + W <= n; c += W) {
-    const Vec<T> p = exp2v(fmadd(loadu(s + c), vs, -vsub));
+    const Vec<T> p = exp2v<kCapHigh>(fmadd(loadu(s + c), vs, -vsub));
     storeu(s + c, p);
     acc += p;
   }
   if (c < n) {
     const VecI<T> keep = lanes_below<T>(n - c);
-    Vec<T> p = exp2v(fmadd(loadu(s + c), vs, -vsub));
+    Vec<T> p = exp2v<kCapHigh>(fmadd(loadu(s + c), vs, -vsub));
     p = keep ? p : Vec<T>{};
     storeu(s + c, p);
     acc += p;
