@@ -42,14 +42,17 @@ def _assert_lse_close(a, b, atol):
     torch.testing.assert_close(a[fin], b[fin], atol=atol, rtol=0)
 
 
-# (B, S_q, S_k, H, H_kv, D): tiles are 96 x 128 (forward) and 96 x 96 (backward), so every length
-# below leaves a partial tile, and 200/250 span several.
+# (B, S_q, S_k, H, H_kv, D): tiles are 192 x 128 (forward) and 96 x 96 (backward), so every length
+# below leaves a partial tile, and 200/250/600 span several.
 SHAPES = [
     (2, 37, 37, 4, 4, 16),
     (1, 130, 77, 4, 2, 64),  # GQA 4:2, S_q > S_k
     (1, 77, 250, 4, 1, 80),  # MQA 4:1, S_q < S_k
     (1, 200, 200, 2, 2, 24),  # head dim that is no multiple of the 16-float panel
     (3, 101, 101, 3, 1, 32),  # MQA with B*H_kv = 3 on 2 threads: dQ split in chunks
+    # Causal: the diagonal crosses forward tiles at offsets 0, +-64, ... and backward tiles at 0 and
+    # +-96, where the GEMMs skip each row strip's masked part (attention_cpu.h, Causal).
+    (1, 600, 600, 2, 1, 64),
 ]
 
 

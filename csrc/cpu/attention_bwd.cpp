@@ -223,13 +223,29 @@ void attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
               const int64_t kvw = round_up(kv, P);
               T* dk_g = dk_acc.data() + g * kBlockK * Dp;
               T* dv_g = dv_acc.data() + g * kBlockK * Dp;
+              // A tile the diagonal crosses: every GEMM skips the strips' masked parts (Causal in
+              // attention_cpu.h); S and dP are then computed per row only up to its strip's bound.
+              const int64_t off = rs - cs;
+              const bool diag = crosses_diagonal(causal, off, kv);
               if constexpr (kDot) {
 #if defined(LV_CPU_BF16_DOT)
-                gemm_tile_bf16(qc, kvw, D2, qw + stat0 * D2, D2, 1, ktw.data() + g * D2 * kBlockK, kBlockK,
-                               s_buf.data(), kBlockK, false);
-                gemm_tile_bf16(qc, kvw, D2, dow + stat0 * D2, D2, 1, vtw.data() + g * D2 * kBlockK, kBlockK,
-                               dp_buf.data(), kBlockK, false);
+                if (diag) {
+                  gemm_tile_bf16_causal(Causal::kCols, off, qc, kvw, D2, qw + stat0 * D2, D2, 1,
+                                        ktw.data() + g * D2 * kBlockK, kBlockK, s_buf.data(), kBlockK, false);
+                  gemm_tile_bf16_causal(Causal::kCols, off, qc, kvw, D2, dow + stat0 * D2, D2, 1,
+                                        vtw.data() + g * D2 * kBlockK, kBlockK, dp_buf.data(), kBlockK, false);
+                } else {
+                  gemm_tile_bf16(qc, kvw, D2, qw + stat0 * D2, D2, 1, ktw.data() + g * D2 * kBlockK, kBlockK,
+                                 s_buf.data(), kBlockK, false);
+                  gemm_tile_bf16(qc, kvw, D2, dow + stat0 * D2, D2, 1, vtw.data() + g * D2 * kBlockK, kBlockK,
+                                 dp_buf.data(), kBlockK, false);
+                }
 #endif
+              } else if (diag) {
+                gemm_tile_causal<T>(Causal::kCols, off, qc, kvw, D, qn, Dp, 1, kt.data() + g * D * kBlockK, kBlockK,
+                                    s_buf.data(), kBlockK, false);
+                gemm_tile_causal<T>(Causal::kCols, off, qc, kvw, D, don, Dp, 1, vt.data() + g * D * kBlockK,
+                                    kBlockK, dp_buf.data(), kBlockK, false);
               } else {
                 gemm_tile<T>(qc, kvw, D, qn, Dp, 1, kt.data() + g * D * kBlockK, kBlockK, s_buf.data(), kBlockK,
                              false);
@@ -245,11 +261,16 @@ void attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
                 // reference does for a non-finite lse).
                 const int64_t n = std::isfinite(l2) ? nv : 0;
                 row_exp2<T>(p_row, n, kvw, scale2, n > 0 ? l2 : T(0));
+                // Columns the S and dP GEMMs wrote for this row's strip; dS is zero past them, as P is.
+                const int64_t ncols =
+                    diag ? causal_strip(Causal::kCols, off, r / 6 * 6, std::min<int64_t>(6, qc - r / 6 * 6), kvw, 0,
+                                        P, 1).n
+                         : kvw;
                 const Vec<T> dl = splat(delta[stat0 + r]);
                 const Vec<T> sc = splat(scale);
-                for (int64_t c = 0; c < kvw; c += W) {
-                  storeu(ds_row + c, loadu(p_row + c) * (loadu(ds_row + c) - dl) * sc);
-                }
+                int64_t c = 0;
+                for (; c < ncols; c += W) storeu(ds_row + c, loadu(p_row + c) * (loadu(ds_row + c) - dl) * sc);
+                for (; c < kvw; c += W) storeu(ds_row + c, Vec<T>{});
               }
               if constexpr (kDot) {
 #if defined(LV_CPU_BF16_DOT)
@@ -265,11 +286,27 @@ void attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
                 for (int64_t r = 0; r < qc; ++r) {
                   round_row_bf16(dsw.data() + r * kBlockK / 2, dp_buf.data() + r * kBlockK, kvw);
                 }
-                gemm_tile_bf16(kv, Dp, q2, ptw.data(), 1, kBlockK, dopw.data(), Dp, dv_g, Dp, true);
-                gemm_tile_bf16(kv, Dp, q2, dstw.data(), 1, kBlockK, qpw.data(), Dp, dk_g, Dp, true);
-                gemm_tile_bf16(qc, Dp, ceil_div(kv, 2), dsw.data(), kBlockK / 2, 1,
-                               knw.data() + g * kBlockK / 2 * Dp, Dp, dq_tile, Dp, true);
+                if (diag) {
+                  gemm_tile_bf16_causal(Causal::kDepthFrom, off, kv, Dp, q2, ptw.data(), 1, kBlockK, dopw.data(), Dp,
+                                        dv_g, Dp, true);
+                  gemm_tile_bf16_causal(Causal::kDepthFrom, off, kv, Dp, q2, dstw.data(), 1, kBlockK, qpw.data(), Dp,
+                                        dk_g, Dp, true);
+                  gemm_tile_bf16_causal(Causal::kDepth, off, qc, Dp, ceil_div(kv, 2), dsw.data(), kBlockK / 2, 1,
+                                        knw.data() + g * kBlockK / 2 * Dp, Dp, dq_tile, Dp, true);
+                } else {
+                  gemm_tile_bf16(kv, Dp, q2, ptw.data(), 1, kBlockK, dopw.data(), Dp, dv_g, Dp, true);
+                  gemm_tile_bf16(kv, Dp, q2, dstw.data(), 1, kBlockK, qpw.data(), Dp, dk_g, Dp, true);
+                  gemm_tile_bf16(qc, Dp, ceil_div(kv, 2), dsw.data(), kBlockK / 2, 1,
+                                 knw.data() + g * kBlockK / 2 * Dp, Dp, dq_tile, Dp, true);
+                }
 #endif
+              } else if (diag) {
+                gemm_tile_causal<T>(Causal::kDepthFrom, off, kv, Dp, qc, s_buf.data(), 1, kBlockK, don, Dp, dv_g, Dp,
+                                    true);
+                gemm_tile_causal<T>(Causal::kDepthFrom, off, kv, Dp, qc, dp_buf.data(), 1, kBlockK, qn, Dp, dk_g, Dp,
+                                    true);
+                gemm_tile_causal<T>(Causal::kDepth, off, qc, Dp, kv, dp_buf.data(), kBlockK, 1,
+                                    kn.data() + g * kBlockK * Dp, Dp, dq_tile, Dp, true);
               } else {
                 gemm_tile<T>(kv, Dp, qc, s_buf.data(), 1, kBlockK, don, Dp, dv_g, Dp, true);
                 gemm_tile<T>(kv, Dp, qc, dp_buf.data(), 1, kBlockK, qn, Dp, dk_g, Dp, true);

@@ -204,11 +204,22 @@ void attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
         // Columns any row of this tile can see: the diagonal tile stops at the last row's key.
         const int64_t kv = causal ? std::min(kc, rs + qc - cs) : kc;
         const int64_t blk = (kb_base[item.seg] + j) * Hk + hk;
+        // A tile the diagonal crosses: each row strip computes only the keys its last row sees.
+        const int64_t off = rs - cs;
+        const bool diag = crosses_diagonal(causal, off, kv);
         if constexpr (kDot) {
 #if defined(LV_CPU_BF16_DOT)
-          gemm_tile_bf16(qc, round_up(kv, P), D2, q_w.data(), D2, 1, pkw + blk * blk_elems, kBlockK, s_buf.data(),
-                         kBlockK, false);
+          if (diag) {
+            gemm_tile_bf16_causal(Causal::kCols, off, qc, round_up(kv, P), D2, q_w.data(), D2, 1,
+                                  pkw + blk * blk_elems, kBlockK, s_buf.data(), kBlockK, false);
+          } else {
+            gemm_tile_bf16(qc, round_up(kv, P), D2, q_w.data(), D2, 1, pkw + blk * blk_elems, kBlockK, s_buf.data(),
+                           kBlockK, false);
+          }
 #endif
+        } else if (diag) {
+          gemm_tile_causal<T>(Causal::kCols, off, qc, round_up(kv, P), D, q_buf.data(), D, 1, pk + blk * blk_elems,
+                              kBlockK, s_buf.data(), kBlockK, false);
         } else {
           gemm_tile<T>(qc, round_up(kv, P), D, q_buf.data(), D, 1, pk + blk * blk_elems, kBlockK, s_buf.data(),
                        kBlockK, false);
@@ -232,16 +243,26 @@ void attn_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
             T* o = o_buf.data() + r * Dp;
             for (int64_t d = 0; d < Dp; d += W) storeu(o + d, loadu(o + d) * va);
           }
-          l_vec[r] += row_exp2<T>(row, nv, round_up(kv, P), scale2, m_new);
+          // x = S*scale - m <= 0: exp2 without the cap at 127.
+          l_vec[r] += row_exp2<T, false>(row, nv, round_up(kv, P), scale2, m_new);
 #if defined(LV_CPU_BF16_DOT)
           if constexpr (kDot) round_row_bf16(p_w.data() + r * kBlockK / 2, row, round_up(kv, P));
 #endif
         }
+        // P is zero past each row's visible keys (up to round_up(kv, P)), so any depth bound past them holds.
         if constexpr (kDot) {
 #if defined(LV_CPU_BF16_DOT)
-          gemm_tile_bf16(qc, Dp, ceil_div(kv, 2), p_w.data(), kBlockK / 2, 1, pkw + blk * blk_elems + kt_elems, Dp,
-                         o_buf.data(), Dp, true);
+          if (diag) {
+            gemm_tile_bf16_causal(Causal::kDepth, off, qc, Dp, ceil_div(kv, 2), p_w.data(), kBlockK / 2, 1,
+                                  pkw + blk * blk_elems + kt_elems, Dp, o_buf.data(), Dp, true);
+          } else {
+            gemm_tile_bf16(qc, Dp, ceil_div(kv, 2), p_w.data(), kBlockK / 2, 1, pkw + blk * blk_elems + kt_elems, Dp,
+                           o_buf.data(), Dp, true);
+          }
 #endif
+        } else if (diag) {
+          gemm_tile_causal<T>(Causal::kDepth, off, qc, Dp, kv, s_buf.data(), kBlockK, 1,
+                              pk + blk * blk_elems + kt_elems, Dp, o_buf.data(), Dp, true);
         } else {
           gemm_tile<T>(qc, Dp, kv, s_buf.data(), kBlockK, 1, pk + blk * blk_elems + kt_elems, Dp, o_buf.data(), Dp,
                        true);

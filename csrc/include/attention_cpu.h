@@ -313,18 +313,91 @@ inline void gemm_tile(int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a,
 }
 
 // ---------------------------------------------------------------------------------------------
-// exp2 on a vector. float: 2^x = 2^n * 2^f with n = round(x), |f| <= 1/2, and 2^f from its Taylor
-// series in f*ln2 to degree 7 (truncation error < 6e-9 relative, below float rounding). Inputs are
-// clamped at -126, so anything smaller (-inf included) gives 2^-126 instead of a subnormal or 0:
-// the callers only pass x = score - (row max or lse) for visible keys, and such a term is < 1e-37
-// of the row's largest one; masked lanes are zeroed by the callers, not here. double: libm,
-// because float64 results are held to 1e-10 and that path is not the one tuned for speed.
+// Causal tiles. With off = (the tile's first query position) - (its first key position), tile row i
+// sees tile column c iff c <= i + off. Where the diagonal crosses a tile, a GEMM on it needs, per
+// 6-row strip of its M rows, only part of the tile:
+//   kCols       M = query rows, N = keys (S = Q K^T, dP = dO V^T): columns up to the strip's last row;
+//   kDepth      M = query rows, K = keys (O += P V, dQ += dS K): depth up to the same bound;
+//   kDepthFrom  M = keys, K = query rows (dV += P^T dO, dK += dS^T Q): depth from the first row that
+//               sees the strip's first key.
+// A strip computes the same products as the whole-tile GEMM, minus some of those whose operand is
+// a masked (zero) P or dS entry, so the result is unchanged; kCols leaves the columns it skips
+// unwritten (callers zero P and dS there before any later GEMM reads them). Depth kinds accumulate.
+// About (tile rows)/S of a causal pass is such waste otherwise: 5% of the forward at S=4K with
+// 192-row tiles, 19% at 1K. `pack` is the number of k rows per depth unit (2 for bf16 pair words).
+enum class Causal { kCols, kDepth, kDepthFrom };
+struct StripRange {
+  int64_t n, k0, k1;
+};
+inline StripRange causal_strip(Causal kind, int64_t off, int64_t i, int64_t mr, int64_t N, int64_t K, int64_t panel,
+                               int64_t pack) {
+  StripRange r{N, 0, K};
+  const int64_t seen = std::max<int64_t>(0, i + mr + off);  // keys the strip's last row sees
+  if (kind == Causal::kCols) {
+    r.n = std::min(N, round_up(seen, panel));
+  } else if (kind == Causal::kDepth) {
+    r.k1 = std::min(K, ceil_div(seen, pack));
+  } else {
+    r.k0 = std::min(K, std::max<int64_t>(0, i - off) / pack);
+  }
+  return r;
+}
+// Runs strip(mr, i, range) over the row strips of an M-row causal tile that have work.
+template <typename F>
+inline void over_causal_strips(Causal kind, int64_t off, int64_t M, int64_t N, int64_t K, int64_t panel,
+                               int64_t pack, F&& strip) {
+  over_row_strips(M, [&](auto mr, int64_t i) {
+    const StripRange s = causal_strip(kind, off, i, decltype(mr)::value, N, K, panel, pack);
+    if (s.n > 0 && s.k1 > s.k0) strip(mr, i, s);
+  });
+}
+// Whether a tile at offset `off` with `cols` keys has rows that do not see all of them.
+inline bool crosses_diagonal(bool causal, int64_t off, int64_t cols) { return causal && off + 1 < cols; }
+
+// gemm_tile on a causal tile (arguments as there; `kind` and `off` as above). The strips run one
+// after the other over their panels; the diagonal tiles are few, so the B panel reuse across strips
+// that gemm_tile_simd arranges matters less here. The BLAS route takes the whole tile.
+template <typename T>
+inline void gemm_tile_causal(Causal kind, int64_t off, int64_t M, int64_t N, int64_t K, const T* A, int64_t rs_a,
+                             int64_t cs_a, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  constexpr int64_t P = kPanel<T>;
+  if (std::is_same_v<T, float> && gemm_use_blas()) {
+    gemm_tile<T>(M, N, K, A, rs_a, cs_a, B, ldb, C, ldc, accumulate);
+    return;
+  }
+  over_causal_strips(kind, off, M, N, K, P, 1, [&](auto mr, int64_t i, const StripRange& s) {
+    constexpr int MR = decltype(mr)::value;
+    const T* a = A + i * rs_a + s.k0 * cs_a;
+    const T* b = B + s.k0 * ldb;
+    T* c = C + i * ldc;
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float>) {
+      for (; j + 2 * P <= s.n; j += 2 * P) {
+        micro_tile_wide<MR>(s.k1 - s.k0, a, rs_a, cs_a, b + j, ldb, c + j, ldc, accumulate);
+      }
+    }
+#endif
+    for (; j < s.n; j += P) micro_tile<T, MR>(s.k1 - s.k0, a, rs_a, cs_a, b + j, ldb, c + j, ldc, accumulate);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// exp2 on a vector. float: 2^x = 2^n * 2^f with n = round(x), |f| <= 1/2, and 2^f from a degree-6
+// polynomial (below). Inputs are clamped at -126, so anything smaller (-inf included) gives 2^-126
+// instead of a subnormal (slow on some CPUs) or 0: the callers only pass x = score - (row max or
+// lse) for visible keys, and such a term is < 1e-37 of the row's largest one; masked lanes are
+// zeroed by the callers, not here. kCapHigh = false drops the cap at 127 where x <= 0 holds (the
+// forward subtracts the running row max). double: libm, because float64 results are held to 1e-10
+// and that path is not the one tuned for speed.
+template <bool kCapHigh = true>
 inline Vec<float> exp2v(Vec<float> x) {
   using V = Vec<float>;
-  const V lo = splat(-126.0f);
-  const V hi = splat(127.0f);  // never reached by consistent (score, lse); keeps an inconsistent one finite
-  x = x > lo ? x : lo;  // vmaxps
-  x = x < hi ? x : hi;  // vminps
+  x = x > splat(-126.0f) ? x : splat(-126.0f);  // vmaxps
+  if constexpr (kCapHigh) {
+    // Never reached by a consistent (score, lse); keeps an inconsistent one finite.
+    x = x < splat(127.0f) ? x : splat(127.0f);  // vminps
+  }
 #if defined(__AVX512F__)
   // n = round(x) in one instruction, and 2^n * p in one (vscalefps): 4 vector ops fewer per 16
   // lanes than the integer route below.
@@ -337,13 +410,14 @@ inline Vec<float> exp2v(Vec<float> x) {
   const V t = x + magic;
   const V f = x - (t - magic);
 #endif
-  V p = splat(1.5252733804059838e-05f);
-  p = fmadd(p, f, splat(1.5403530393381606e-04f));
-  p = fmadd(p, f, splat(1.3333558146428441e-03f));
-  p = fmadd(p, f, splat(9.618129107628477e-03f));
-  p = fmadd(p, f, splat(5.5504108664821576e-02f));
-  p = fmadd(p, f, splat(2.402265069591007e-01f));
-  p = fmadd(p, f, splat(6.931471805599453e-01f));
+  // Degree 6, coefficients fitted for least maximum relative error on [-1/2, 1/2] (2e-9, below
+  // float rounding; the Taylor series needs degree 7 for that).
+  V p = splat(1.5353360544960603e-04f);
+  p = fmadd(p, f, splat(1.3398874534212351e-03f));
+  p = fmadd(p, f, splat(9.6184373640906e-03f));
+  p = fmadd(p, f, splat(5.55033247075884e-02f));
+  p = fmadd(p, f, splat(2.4022647913555023e-01f));
+  p = fmadd(p, f, splat(6.931472028552755e-01f));
   p = fmadd(p, f, splat(1.0f));
 #if defined(__AVX512F__)
   return (V)_mm512_scalef_ps((__m512)p, (__m512)n);
@@ -351,6 +425,7 @@ inline Vec<float> exp2v(Vec<float> x) {
   return (V)((I)p + (((I)t - (I)magic) << 23));
 #endif
 }
+template <bool kCapHigh = true>
 inline Vec<double> exp2v(Vec<double> x) {
   Vec<double> r;
   for (int i = 0; i < kWidth<double>; ++i) r[i] = std::exp2(x[i]);
@@ -390,7 +465,7 @@ inline T row_max_scaled(const T* s, int64_t n, T scale) {
 // In place p[c] = exp2(s[c]*scale - sub) for c < n and 0 for n <= c < n_zero (n_zero a multiple of
 // the vector width, within the row's padding); returns the lane-wise sum of p over c < n (the
 // forward keeps it per row as a vector and reduces it once, after the last key block).
-template <typename T>
+template <typename T, bool kCapHigh = true>
 inline Vec<T> row_exp2(T* s, int64_t n, int64_t n_zero, T scale, T sub) {
   constexpr int W = kWidth<T>;
   const Vec<T> vs = splat(scale);
@@ -398,13 +473,13 @@ inline Vec<T> row_exp2(T* s, int64_t n, int64_t n_zero, T scale, T sub) {
   Vec<T> acc{};
   int64_t c = 0;
   for (; c + W <= n; c += W) {
-    const Vec<T> p = exp2v(fmadd(loadu(s + c), vs, -vsub));
+    const Vec<T> p = exp2v<kCapHigh>(fmadd(loadu(s + c), vs, -vsub));
     storeu(s + c, p);
     acc += p;
   }
   if (c < n) {
     const VecI<T> keep = lanes_below<T>(n - c);
-    Vec<T> p = exp2v(fmadd(loadu(s + c), vs, -vsub));
+    Vec<T> p = exp2v<kCapHigh>(fmadd(loadu(s + c), vs, -vsub));
     p = keep ? p : Vec<T>{};
     storeu(s + c, p);
     acc += p;

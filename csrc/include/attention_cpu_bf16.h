@@ -68,6 +68,19 @@ inline void gemm_tile_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, 
   }
 }
 
+// gemm_tile_bf16 on a causal tile (attention_cpu.h: Causal); depth counts pair words, 2 k rows each.
+inline void gemm_tile_bf16_causal(Causal kind, int64_t off, int64_t M, int64_t N, int64_t K2, const uint32_t* A,
+                                  int64_t rs_a, int64_t cs_a, const uint32_t* B, int64_t ldb, float* C, int64_t ldc,
+                                  bool accumulate) {
+  constexpr int P = kPanel<float>;
+  over_causal_strips(kind, off, M, N, K2, P, 2, [&](auto mr, int64_t i, const StripRange& s) {
+    for (int64_t j = 0; j < s.n; j += P) {
+      micro_tile_bf16<decltype(mr)::value>(s.k1 - s.k0, A + i * rs_a + s.k0 * cs_a, rs_a, cs_a, B + s.k0 * ldb + j,
+                                           ldb, C + i * ldc + j, ldc, accumulate);
+    }
+  });
+}
+
 // n floats (n a multiple of 32) rounded to nearest-even bf16, in order, into n/2 words.
 inline void round_row_bf16(uint32_t* dst, const float* src, int64_t n) {
   for (int64_t c = 0; c < n; c += 32) {
