@@ -51,7 +51,7 @@ SHAPES = [
     (1, 200, 200, 2, 2, 24),  # head dim that is no multiple of the 16-float panel
     (3, 101, 101, 3, 1, 32),  # MQA with B*H_kv = 3 on 2 threads: dQ split in chunks
     # Causal: the diagonal crosses forward tiles at offsets 0, +-64, ... and backward tiles at 0 and
-    # +-96, where the GEMMs skip each row strip's masked part (attention_cpu.h, Causal).
+    # +-96, where the GEMMs skip each row strip's masked part (attention_cpu_causal.h, Causal).
     (1, 600, 600, 2, 1, 64),
 ]
 

@@ -224,7 +224,7 @@ void attn_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
               T* dk_g = dk_acc.data() + g * kBlockK * Dp;
               T* dv_g = dv_acc.data() + g * kBlockK * Dp;
               // A tile the diagonal crosses: every GEMM skips the strips' masked parts (Causal in
-              // attention_cpu.h); S and dP are then computed per row only up to its strip's bound.
+              // attention_cpu_causal.h); S and dP are then computed per row only up to its strip's bound.
               const int64_t off = rs - cs;
               const bool diag = crosses_diagonal(causal, off, kv);
               if constexpr (kDot) {

@@ -1,9 +1,10 @@
 // The AVX512-BF16 route of the CPU attention kernels (csrc/cpu/attention_fwd.cpp, attention_bwd.cpp):
 // a tile GEMM on bf16 pair words and the packing of bf16 operands into them. The float32 building
-// blocks (vectors, micro-kernels, exp2, packing, checks) are in attention_cpu.h.
+// blocks (vectors, micro-kernels, exp2, packing, checks) are in attention_cpu.h, causal tiles in
+// attention_cpu_causal.h.
 #pragma once
 
-#include "attention_cpu.h"
+#include "attention_cpu_causal.h"
 
 namespace lv {
 namespace cpu {
@@ -68,7 +69,7 @@ inline void gemm_tile_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* A, 
   }
 }
 
-// gemm_tile_bf16 on a causal tile (attention_cpu.h: Causal); depth counts pair words, 2 k rows each.
+// gemm_tile_bf16 on a causal tile (attention_cpu_causal.h: Causal); depth counts pair words, 2 k rows each.
 inline void gemm_tile_bf16_causal(Causal kind, int64_t off, int64_t M, int64_t N, int64_t K2, const uint32_t* A,
                                   int64_t rs_a, int64_t cs_a, const uint32_t* B, int64_t ldb, float* C, int64_t ldc,
                                   bool accumulate) {
