@@ -11,7 +11,7 @@ AV_VERSION := 18.1.0
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv build test test-steps pytest lint cuda-check cuda-build gpu-check triton-aot smoke demo demo-text bench bench-net memory-check dryrun niah bench-kernels two-nodes soak clean
+.PHONY: venv build test test-steps pytest lint cuda-check cuda-build gpu-check gpu-check-venv triton-aot smoke demo demo-text bench bench-net memory-check dryrun niah bench-kernels two-nodes soak clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -44,8 +44,17 @@ cuda-build:
 
 # On a machine with one CUDA GPU (<= 8 min on an H100/H200): pytest -m gpu, kernel TFLOP/s vs SDPA,
 # a bf16 trainer smoke and generate; JSON + markdown under benchmarks/results/gpu_check/. Refuses on CPU.
-# Takes .venv when its torch is a CUDA build, else the CUDA venv of cuda-build on a copy of the tree.
-gpu-check: build
+# Takes $(PY) as it is when its torch is a CUDA build that sees a GPU (nothing installed: a node or
+# image without a package index; scripts/gpu_check_system.sh), else .venv when its torch is a CUDA
+# build, else the CUDA venv of cuda-build on a copy of the tree.
+gpu-check:
+	if $(PY) -c "import torch, sys; sys.exit(0 if torch.version.cuda and torch.cuda.is_available() else 1)" 2>/dev/null; then \
+	  PY=$(PY) bash scripts/gpu_check_system.sh; \
+	else \
+	  $(MAKE) --no-print-directory gpu-check-venv; \
+	fi
+
+gpu-check-venv: build
 	if $(VPY) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)"; then \
 	  $(VPY) scripts/gpu_check.py; \
 	else \

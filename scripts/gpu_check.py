@@ -46,6 +46,8 @@ def refuse_without_gpu() -> str | None:
 
 
 def _git_sha() -> str:
+    if os.environ.get("LONGVILA_GIT_SHA"):  # a copied tree without .git (scripts/gpu_check_system.sh)
+        return os.environ["LONGVILA_GIT_SHA"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               timeout=10).stdout.strip()
