@@ -96,11 +96,12 @@ def step_pytest(deadlines: tuple[float, float], out_dir: str) -> dict:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the compiled kernels, never the interpreter
     runs = []
-    for cmd, deadline in (([sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu", "tests",
-                            f"--junitxml={os.path.join(out_dir, 'pytest_gpu.xml')}"], deadlines[0]),
+    compiled = dict(env, LONGVILA_TRITON_TESTS="compiled")  # the Triton module on CUDA, not interpreted
+    for cmd, deadline, run_env in (([sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu", "tests",
+                            f"--junitxml={os.path.join(out_dir, 'pytest_gpu.xml')}"], deadlines[0], env),
                           ([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_backend_triton.py",
-                            f"--junitxml={os.path.join(out_dir, 'pytest_triton.xml')}"], deadlines[1])):
-        r = _run(cmd, deadline - time.monotonic(), env)
+                            f"--junitxml={os.path.join(out_dir, 'pytest_triton.xml')}"], deadlines[1], compiled)):
+        r = _run(cmd, deadline - time.monotonic(), run_env)
         r["summary"] = _pytest_summary(r["tail"])
         # pytest exit 0: passed; 5: nothing collected, which here means the gpu tests went missing.
         r["ok"] = r["rc"] == 0

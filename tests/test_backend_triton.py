@@ -10,7 +10,9 @@ This module therefore:
 - sets TRITON_INTERPRET=1 only if triton is not imported yet, imports triton, and puts os.environ
   back at once, so other modules see the environment they started with;
 - sets it again only while its own tests run (a module fixture), for the dispatcher's check;
-- runs on CPU tensors when the process interprets, else on CUDA (and skips without a GPU).
+- runs on CPU tensors when the process interprets, else on CUDA (and skips without a GPU);
+- with LONGVILA_TRITON_TESTS=compiled it leaves triton compiling, so on a GPU machine the same
+  tests check the compiled kernels (`make gpu-check` runs it so).
 What other modules do inherit, when this module is the first to import triton: an interpreting
 triton. On a CPU-only machine that is the only triton that can run at all.
 
@@ -22,7 +24,9 @@ import subprocess
 import sys
 
 _PRIOR = os.environ.get("TRITON_INTERPRET")
-if "triton" not in sys.modules:
+# LONGVILA_TRITON_TESTS=compiled (scripts/gpu_check.py on a GPU): leave triton compiling, so these
+# tests run the real kernels on CUDA instead of interpreting them.
+if "triton" not in sys.modules and os.environ.get("LONGVILA_TRITON_TESTS") != "compiled":
     os.environ["TRITON_INTERPRET"] = "1"
 try:
     import triton  # noqa: F401,E402  (must follow the variable)
@@ -63,6 +67,8 @@ def _interpreter_env():
 def device():
     if INTERPRETS:
         return torch.device("cpu")
+    if not torch.cuda.is_available() and os.environ.get("LONGVILA_TRITON_TESTS") == "compiled":
+        pytest.skip("needs a CUDA GPU: LONGVILA_TRITON_TESTS=compiled runs the compiled kernels on CUDA")
     if not torch.cuda.is_available():
         pytest.skip("triton was imported before this module without TRITON_INTERPRET=1 and there is no "
                     "GPU; run `pytest tests/test_backend_triton.py` on its own")
