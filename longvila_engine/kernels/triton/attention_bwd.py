@@ -280,17 +280,37 @@ def _attn_bwd_dq_kernel(
 # ---------------------------------------------------------------------------------------------------
 
 
+# Configs that spill registers and were measured faster than every spill-free candidate on a real
+# GPU, so the AOT gate (kernels/triton/aot.py) accepts their spills: (arch, kernel, BLOCK_D, BLOCK_M,
+# BLOCK_N, warps, stages). H200, triton 3.6.0, bf16, B=1, H=16, S=16K, whole backward (dK/dV
+# swapped alone), median of 5, 2026-11-29 (benchmarks/tune_triton_bwd.py; results in
+# benchmarks/results/gpu/tune_triton_bwd_2026-11-29.json):
+# - D=128 dK/dV 64x64, 4 warps, 2 stages (2240 bytes of spills): 7.83 ms causal, 13.9 ms full, against
+#   24.2 / 39.1 ms for the spill-free 16x64, 8 warps it replaced (3.1x / 2.8x);
+# - D=64 dK/dV 32x128, 4 warps, 3 stages (2240 bytes): 4.64 / 7.44 ms, against 5.25 / 9.51 ms for the
+#   spill-free 32x128, 8 warps.
+SPILLS_MEASURED_FASTER = frozenset({(90, "dkdv", 128, 64, 64, 4, 2), (90, "dkdv", 64, 32, 128, 4, 3)})
+
+
+def spills_measured_faster(arch: int, kernel: str, block_d_: int, constexprs: dict, options: dict) -> bool:
+    """Whether this compiled variant's spills were measured to pay (SPILLS_MEASURED_FASTER)."""
+    key = (arch, kernel, block_d_, constexprs.get("BLOCK_M"), constexprs.get("BLOCK_N"), options.get("num_warps"),
+           options.get("num_stages"))
+    return key in SPILLS_MEASURED_FASTER
+
+
 def bwd_config(head_dim: int, interpreted: bool, fp32: bool = False, arch: int = 80) -> dict:
     """Tile sizes per kernel, architecture and head dim; fixed (not autotuned) so AOT reports what runs.
 
     dK/dV keeps two (BLOCK_N, D) float32 accumulators and wants long key tiles with short query
     tiles (BLOCK_N a multiple of BLOCK_M: the masked diagonal tiles are then the first ones); dQ is
     the mirror image. The largest tiles found with no spill in any fp16/bf16 variant
-    (`scripts/aot_triton.py --variants` prints registers and spills). sm_90: dQ in 128-row tiles at
-    both head dims with 3 stages; dK/dV at D = 128 takes 16-row query tiles (32 spilled 12 bytes with
-    2 stages). sm_80: 128-row dQ tiles spill at D = 128 (mma.sync needs more registers than wgmma),
-    so 64. float32 inputs (tests, the 1e-5 contract) get smaller tiles; their dK/dV at D = 64 still
-    spills a few words.
+    (`scripts/aot_triton.py --variants` prints registers and spills), except where a spilling one was
+    measured faster on a GPU (SPILLS_MEASURED_FASTER). sm_90: dQ in 128-row tiles at both head dims
+    with 3 stages; dK/dV in 4 warps, 64x64 at D = 128 and 32x128 at D = 64, measured on an H200.
+    sm_80: 128-row dQ tiles spill at D = 128 (mma.sync needs more registers than wgmma), so 64.
+    float32 inputs (tests, the 1e-5 contract) get smaller tiles; their dK/dV at D = 64 still spills a
+    few words.
     """
     def cfg(block_m, block_n, warps, stages):
         return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
@@ -303,8 +323,8 @@ def bwd_config(head_dim: int, interpreted: bool, fp32: bool = False, arch: int =
         return {"pre": pre, "dkdv": cfg(32, 64, 8, 2), "dq": cfg(64, 32, 8, 2) if small_d else cfg(32, 32, 4, 2)}
     if arch == 90:
         if small_d:
-            return {"pre": pre, "dkdv": cfg(32, 128, 8, 3), "dq": cfg(128, 64, 8, 3)}
-        return {"pre": pre, "dkdv": cfg(16, 64, 8, 2), "dq": cfg(128, 32, 8, 3)}
+            return {"pre": pre, "dkdv": cfg(32, 128, 4, 3), "dq": cfg(128, 64, 8, 3)}
+        return {"pre": pre, "dkdv": cfg(64, 64, 4, 2), "dq": cfg(128, 32, 8, 3)}
     if small_d:
         return {"pre": pre, "dkdv": cfg(32, 128, 8, 2), "dq": cfg(128, 32, 8, 2)}
     return {"pre": pre, "dkdv": cfg(32, 64, 8, 2), "dq": cfg(64, 64, 8, 2)}
