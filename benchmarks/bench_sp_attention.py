@@ -334,6 +334,8 @@ def run_rank(args):
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if dist.get_backend() == "nccl" \
         else torch.device("cpu")
     base = dict(SIZES["smoke" if args.smoke else "full"], dtype=args.dtype)
+    if args.head_dim is not None:
+        base["head_dim"] = args.head_dim
     seq_lens = args.seq_lens or ([args.seq_len] if args.seq_len else [base["seq_len"]])
     backend, _ = usable_backend(args.backend, device, DTYPES[args.dtype])
     results = harness.ResultsFile(NAME, results_dir=args.results_dir, device=device) if rank == 0 else None
@@ -394,11 +396,14 @@ def main(argv=None):
     p.add_argument("--seq-lens", type=lambda t: [int(x) for x in t.split(",") if x.strip()], default=None,
                    help="comma-separated global sequence lengths, one set of lines (and peer timings) each")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of q/k/v for all sides")
+    p.add_argument("--head-dim", type=int, default=None, help="head dim (default 64; 32 with --smoke)")
     p.add_argument("--backend", default="auto", help="block kernel backend (auto, reference, cpu, triton)")
     p.add_argument("--world", type=int, default=4, help="ranks to spawn when not under torchrun")
     p.add_argument("--results-dir", default=None)
     p.add_argument("--no-peers", action="store_true", help="skip ring-flash-attn and PyTorch's ring")
     args = p.parse_args(argv)
+    if args.head_dim is not None and args.head_dim <= 0:
+        p.error(f"--head-dim must be a positive integer, got {args.head_dim}; e.g. --head-dim 128")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
         cuda = torch.cuda.is_available()
         if cuda:
