@@ -252,6 +252,25 @@ def _start_memory_profiler():
         return None
 
 
+def cuda_event_times(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 2) -> Timing:
+    """Call `fn` `warmup` times, then time `repeats` calls with CUDA events recorded around each call
+    on the current stream (GPU time of the queued work, no host timer). Needs a CUDA GPU."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("cuda_event_times needs a CUDA GPU (torch.cuda.is_available() is False); "
+                           "use time_fn on CPU")
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return Timing(times)
+
+
 def measure_memory(fn: Callable[[], Any], *, device="cpu") -> tuple[dict, Any]:
     """Call `fn` once and return ({'peak_alloc_mb', 'peak_rss_mb'}, fn's result). Values may be None."""
     device = torch.device(device)

@@ -15,23 +15,15 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness  # noqa: E402
 
 
 def _median_ms(fn, repeats):
-    import torch
-
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2], times[0], times[-1]
+    """(median, min, max) ms by CUDA events (harness.cuda_event_times)."""
+    t = harness.cuda_event_times(fn, repeats=repeats)
+    return t.median * 1e3, t.min * 1e3, t.max * 1e3
 
 
 def profile_one(backend, seq_len, heads, head_dim, causal, repeats):

@@ -17,6 +17,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, warps, stages) for dK/dV; dQ candidates separately, the other kernel kept as shipped.
 DKDV = {64: [(32, 128, 8, 3), (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2),
@@ -28,20 +31,7 @@ DQ = {64: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
 
 
 def _median_ms(fn, repeats):
-    import torch
-
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
+    return harness.cuda_event_times(fn, repeats=repeats).median * 1e3
 
 
 def sweep(seq_len, heads, head_dim, causal, repeats, device="cuda", dkdv=None, dq=None):

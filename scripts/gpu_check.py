@@ -110,21 +110,11 @@ def step_pytest(deadlines: tuple[float, float], out_dir: str) -> dict:
 
 
 def _time_cuda(fn, repeats: int, warmup: int = 2) -> float:
-    """Median milliseconds of fn() by CUDA events."""
-    import torch
+    """Median milliseconds of fn() by CUDA events (benchmarks/harness.py)."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import harness
 
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
+    return harness.cuda_event_times(fn, repeats=repeats, warmup=warmup).median * 1e3
 
 
 def _kernel_fns(backend, q, k, v, dout, causal):

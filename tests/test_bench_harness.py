@@ -119,3 +119,11 @@ def test_results_dir_follows_the_environment(tmp_path):
     assert proc.stdout.strip() == str(tmp_path / "envcheck.jsonl")
     assert [json.loads(line)["x"] for line in open(tmp_path / "envcheck.jsonl")] == [1]
     assert not os.path.exists(os.path.join(REPO, "benchmarks", "results", "envcheck.jsonl"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a CUDA GPU")
+def test_cuda_event_times_refuses_without_a_gpu():
+    calls = []
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        harness.cuda_event_times(lambda: calls.append(1), repeats=2)
+    assert calls == []  # refused before running anything
