@@ -14,14 +14,14 @@ PY="${PY:-python3}"
 TOTAL="${GPU_CHECK_TOTAL_S:-480}"
 OUT_DIR="${GPU_CHECK_OUT:-$ROOT/benchmarks/results/gpu_check}"
 start=$(date +%s)
-mkdir -p "$OUT_DIR"
 echo "gpu-check(system): $(date -u +%FT%TZ) python $("$PY" -c 'import sys; print(sys.version.split()[0])')"
 nvidia-smi -L || { echo "gpu-check: refused, needs a CUDA GPU (nvidia-smi finds none)"; exit 2; }
-"$PY" - <<'PY' || exit 2
+"$PY" - <<'PY' || { echo "gpu-check: refused, needs a CUDA GPU seen by $PY's torch"; exit 2; }
 import torch, sys
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
 sys.exit(0 if torch.version.cuda and torch.cuda.is_available() else 1)
 PY
+mkdir -p "$OUT_DIR"
 (command -v nvcc >/dev/null && nvcc --version | tail -2) || echo "nvcc: not on PATH"
 grep -m1 "model name" /proc/cpuinfo || true
 echo "cpu cores: $(nproc)"

@@ -74,3 +74,16 @@ def test_cuda_build_check_names_the_ops_without_a_cuda_kernel(tmp_path):
     assert sorted(report["missing_cuda"]) == ["longvila_engine::merge_attn", "longvila_engine::varlen_index",
                                               "longvila_engine::zigzag_permute"]
     assert "FAILED, no CUDA kernel for" in proc.stdout and "attn_fwd" not in proc.stdout.split("FAILED")[-1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: gpu-check would run")
+def test_system_python_path_refuses_without_a_gpu_and_writes_nothing(tmp_path):
+    """scripts/gpu_check_system.sh (`make gpu-check` where python3 has a CUDA torch): without a GPU it
+    stops before building, with exit 2 and the reason, and creates no results folder."""
+    out = tmp_path / "results"
+    env = dict(os.environ, PY=sys.executable, GPU_CHECK_OUT=str(out), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_check_system.sh")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "needs a CUDA GPU" in proc.stdout + proc.stderr
+    assert not out.exists()
