@@ -28,6 +28,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))  # harness, imported where torch is needed
 
 SEQ_LENS = (4096, 8192, 16384, 32768, 65536)
 NUM_HEADS, HEAD_DIM = 16, 128
@@ -111,7 +112,6 @@ def step_pytest(deadlines: tuple[float, float], out_dir: str) -> dict:
 
 def _time_cuda(fn, repeats: int, warmup: int = 2) -> float:
     """Median milliseconds of fn() by CUDA events (benchmarks/harness.py)."""
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     import harness
 
     return harness.cuda_event_times(fn, repeats=repeats, warmup=warmup).median * 1e3
