@@ -271,6 +271,12 @@ def cuda_event_times(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 2
     return Timing(times)
 
 
+def cuda_event_ms(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 2) -> tuple[float, float, float]:
+    """(median, min, max) milliseconds of `cuda_event_times`."""
+    t = cuda_event_times(fn, repeats=repeats, warmup=warmup)
+    return t.median * 1e3, t.min * 1e3, t.max * 1e3
+
+
 def measure_memory(fn: Callable[[], Any], *, device="cpu") -> tuple[dict, Any]:
     """Call `fn` once and return ({'peak_alloc_mb', 'peak_rss_mb'}, fn's result). Values may be None."""
     device = torch.device(device)

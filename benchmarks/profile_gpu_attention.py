@@ -20,12 +20,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 
-def _median_ms(fn, repeats):
-    """(median, min, max) ms by CUDA events (harness.cuda_event_times)."""
-    t = harness.cuda_event_times(fn, repeats=repeats)
-    return t.median * 1e3, t.min * 1e3, t.max * 1e3
-
-
 def profile_one(backend, seq_len, heads, head_dim, causal, repeats):
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -48,7 +42,7 @@ def profile_one(backend, seq_len, heads, head_dim, causal, repeats):
     row = {"backend": backend, "seq_len": seq_len, "heads": heads, "head_dim": head_dim, "causal": causal,
            "repeats": repeats}
     for mode, fn in (("fwd", fwd), ("bwd", bwd)):
-        med, lo, hi = _median_ms(fn, repeats)
+        med, lo, hi = harness.cuda_event_ms(fn, repeats=repeats)
         flops = attention_flops(seq_len, seq_len, heads, head_dim, causal=causal, mode=mode)
         row[mode] = {"ms_median": round(med, 3), "ms_min": round(lo, 3), "ms_max": round(hi, 3),
                      "tflops": round(flops / med / 1e9, 1)}

@@ -30,10 +30,6 @@ DQ = {64: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
       128: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)]}
 
 
-def _median_ms(fn, repeats):
-    return harness.cuda_event_times(fn, repeats=repeats).median * 1e3
-
-
 def sweep(seq_len, heads, head_dim, causal, repeats, device="cuda", dkdv=None, dq=None):
     import torch
 
@@ -74,7 +70,8 @@ def sweep(seq_len, heads, head_dim, causal, repeats, device="cuda", dkdv=None, d
             if q.is_cuda:
                 torch.cuda.synchronize()
             row["max_abs_diff"] = max(float((g - w).abs().max()) for g, w in zip(grads, want))
-            row["ms"] = round(_median_ms(run, repeats), 3)
+            med, lo, hi = harness.cuda_event_ms(run, repeats=repeats)
+            row.update(ms=round(med, 3), ms_min=round(lo, 3), ms_max=round(hi, 3), repeats=repeats)
         except Exception as exc:  # reported in the table
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
         finally:

@@ -110,13 +110,6 @@ def step_pytest(deadlines: tuple[float, float], out_dir: str) -> dict:
     return {"ok": all(r["ok"] for r in runs), "runs": runs}
 
 
-def _time_cuda(fn, repeats: int, warmup: int = 2) -> float:
-    """Median milliseconds of fn() by CUDA events (benchmarks/harness.py)."""
-    import harness
-
-    return harness.cuda_event_times(fn, repeats=repeats, warmup=warmup).median * 1e3
-
-
 def _kernel_fns(backend, q, k, v, dout, causal):
     """(forward, forward+backward) closures of one backend on (B, S, H, D) bf16 tensors."""
     import torch
@@ -151,6 +144,7 @@ def _kernel_fns(backend, q, k, v, dout, causal):
 
 
 def step_kernels(deadline: float, seq_lens=SEQ_LENS) -> dict:
+    import harness
     import torch
 
     from longvila_engine.ops.flops import attention_flops
@@ -171,9 +165,11 @@ def step_kernels(deadline: float, seq_lens=SEQ_LENS) -> dict:
                     fwd, fwd_bwd = _kernel_fns(backend, q, k, v, dout, causal)
                     repeats = 10 if seq_len <= 16384 else 5
                     for mode, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
-                        ms = _time_cuda(fn, repeats)
+                        ms, lo, hi = harness.cuda_event_ms(fn, repeats=repeats)
                         flops = attention_flops(seq_len, seq_len, NUM_HEADS, HEAD_DIM, causal=causal, mode=mode)
                         row[f"{mode}_ms"] = round(ms, 3)
+                        row[f"{mode}_ms_min"], row[f"{mode}_ms_max"] = round(lo, 3), round(hi, 3)
+                        row["repeats"] = repeats
                         row[f"{mode}_tflops"] = round(flops / ms / 1e9, 1)
                 except Exception as exc:  # reported in the table; never replaced by another kernel
                     row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"

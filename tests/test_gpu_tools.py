@@ -32,7 +32,7 @@ def test_tuner_sweep_swaps_configs_and_restores_the_shipped_one():
         "import tune_triton_bwd as t\n"
         "from longvila_engine.kernels.triton import attention_bwd as ab\n"
         "shipped = ab.bwd_config\n"
-        "t._median_ms = lambda fn, repeats: (fn(), 1.0)[1]\n"
+        "t.harness.cuda_event_ms = lambda fn, repeats: (fn(), (1.0, 1.0, 1.0))[1]\n"
         "rows = t.sweep(40, 2, 16, True, 1, device='cpu', dkdv=[(16, 32, 1, 1), (32, 32, 1, 1), (32, 48, 1, 1)],\n"
         "               dq=[(32, 16, 1, 1)])\n"
         "assert ab.bwd_config is shipped\n"
