@@ -416,11 +416,11 @@ def test_aot_accepts_spills_only_in_configs_measured_faster():
     from longvila_engine.kernels.triton import attention_bwd as ab
     from longvila_engine.kernels.triton.aot import AotResult
 
-    tiles = {"BLOCK_M": 64, "BLOCK_N": 64}
-    assert ab.spills_measured_faster(90, "dkdv", 128, tiles, {"num_warps": 4, "num_stages": 2})
-    assert not ab.spills_measured_faster(90, "dkdv", 128, tiles, {"num_warps": 8, "num_stages": 2})
-    assert not ab.spills_measured_faster(80, "dkdv", 128, tiles, {"num_warps": 4, "num_stages": 2})
-    assert not ab.spills_measured_faster(90, "dq", 128, tiles, {"num_warps": 4, "num_stages": 2})
+    tiles = {"BLOCK_D": 128, "BLOCK_M": 64, "BLOCK_N": 64}
+    assert ab.spills_measured_faster(90, "dkdv", tiles, {"num_warps": 4, "num_stages": 2})
+    assert not ab.spills_measured_faster(90, "dkdv", tiles, {"num_warps": 8, "num_stages": 2})
+    assert not ab.spills_measured_faster(80, "dkdv", tiles, {"num_warps": 4, "num_stages": 2})
+    assert not ab.spills_measured_faster(90, "dq", tiles, {"num_warps": 4, "num_stages": 2})
     args = ("attn_bwd_dkdv", 90, "bf16", 128, 255, 2240, 99328, 2, 4, "64x64", (), 1.0)
     assert AotResult(*args, spills_measured=True).problems == []
     assert AotResult(*args).problems == ["2240 bytes of register spills"]

@@ -132,8 +132,7 @@ def compile_kernel(name: str, arch: int, dtype: str, head_dim: int) -> AotResult
                      options["num_warps"], block, notes, time.perf_counter() - start,
                      tma_copies=compiled.asm["ptx"].count(TMA_COPY), wants_tma=bool(constexprs.get("TMA", False)),
                      spills_measured=attention_bwd.spills_measured_faster(
-                         arch, name.split("[", 1)[0].removeprefix("attn_bwd_"), constexprs.get("BLOCK_D"),
-                         constexprs, options))
+                         arch, name.split("[", 1)[0].removeprefix("attn_bwd_"), constexprs, options))
 
 
 def format_row(r: AotResult) -> str:

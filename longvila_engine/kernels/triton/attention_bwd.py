@@ -292,10 +292,10 @@ def _attn_bwd_dq_kernel(
 SPILLS_MEASURED_FASTER = frozenset({(90, "dkdv", 128, 64, 64, 4, 2), (90, "dkdv", 64, 32, 128, 4, 3)})
 
 
-def spills_measured_faster(arch: int, kernel: str, block_d_: int, constexprs: dict, options: dict) -> bool:
+def spills_measured_faster(arch: int, kernel: str, constexprs: dict, options: dict) -> bool:
     """Whether this compiled variant's spills were measured to pay (SPILLS_MEASURED_FASTER)."""
-    key = (arch, kernel, block_d_, constexprs.get("BLOCK_M"), constexprs.get("BLOCK_N"), options.get("num_warps"),
-           options.get("num_stages"))
+    key = (arch, kernel, constexprs.get("BLOCK_D"), constexprs.get("BLOCK_M"), constexprs.get("BLOCK_N"),
+           options.get("num_warps"), options.get("num_stages"))
     return key in SPILLS_MEASURED_FASTER
 
 
